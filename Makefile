@@ -1,0 +1,45 @@
+# The two commands of the README:
+#   make train   set up .venv, build the extension, train MNIST (ARGS="..." passes options)
+#   make test    set up .venv, build the extension (CUDA sources too where nvcc is found), run
+#                pytest and the C++ tests (ctest)
+# Other targets: build, ctest, bench, sanitize, clean.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+JOBS ?= 2
+ARGS ?=
+# Where nvcc lives; the build compiles csrc/cuda/*.cu when it is there (MNIST_FAST_CUDA=0 to skip).
+export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
+export MAX_JOBS ?= $(JOBS)
+
+.PHONY: setup build test pytest ctest train bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+# In-place, incremental build of mnist_fast/_C*.so; the repository root is the import path.
+build: setup
+	$(PY) setup.py --quiet build_ext --inplace
+
+pytest: build
+	$(PY) -m pytest tests
+
+ctest: setup
+	$(PY) scripts/cmake_build.py --build-dir build-cmake --jobs $(JOBS)
+	ctest --test-dir build-cmake --output-on-failure
+
+test: pytest ctest
+
+train: build
+	$(PY) -m mnist_fast.train $(ARGS)
+
+bench: build
+	$(PY) -m pytest benchmarks --benchmark-only
+
+clean:
+	rm -rf build build-cmake mnist_fast/_C*.so *.egg-info

@@ -1,0 +1,155 @@
+// Autograd for the forward ops, in C++ under the Autograd dispatch key (torchvision's pattern):
+// a Python autograd wrapper costs more per call than a whole stock cross-entropy at batch 64.
+//
+// Each forward saves only what its backward op needs: the ReLU output (not the pre-activation) and
+// the per-row logsumexp (not the log-softmax). The backward ops are registered ops of their own, so
+// torch.compile sees only registered ops; differentiating them again raises a clear error.
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace mnist_fast {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// An absent optional tensor has no autograd edge: needs_input_grad(i) counts given tensors only.
+// bias and weight are the last tensor arguments, so the edges before them never shift.
+bool present(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined();
+}
+
+
+class LinearReLUFunction : public torch::autograd::Function<LinearReLUFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto output = linear_relu(input, weight, bias);
+    ctx->save_for_backward({input, weight, output});
+    ctx->saved_data["has_bias"] = present(bias);
+    return output;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    auto [grad_input, grad_weight, grad_bias] = linear_relu_backward(
+        grads[0], saved[0], saved[1], saved[2],
+        {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+         ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)});
+    return {grad_input, grad_weight, grad_bias};
+  }
+};
+
+class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
+                               const std::optional<at::Tensor>& weight, int64_t reduction, int64_t ignore_index,
+                               double label_smoothing) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, lse] = cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing);
+    ctx->save_for_backward({input, target, weight.value_or(at::Tensor()), lse});
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->mark_non_differentiable({lse});
+    return {loss, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    TORCH_CHECK(!(saved[2].defined() && ctx->needs_input_grad(2)),
+                "mnist_fast.cross_entropy: the gradient with respect to weight is not implemented");
+    const std::optional<at::Tensor> weight =
+        saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
+    auto [grad_input, grad_target] = cross_entropy_backward(
+        grads[0], saved[0], saved[1], weight, saved[3], ctx->saved_data["reduction"].toInt(),
+        ctx->saved_data["ignore_index"].toInt(), ctx->saved_data["label_smoothing"].toDouble(),
+        {ctx->needs_input_grad(0), ctx->needs_input_grad(1)});
+    return {grad_input, grad_target, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// Backward ops are differentiable only once: taking their gradient raises instead of being wrong.
+template <typename Op>
+class NoDoubleBackward : public torch::autograd::Function<NoDoubleBackward<Op>> {
+ public:
+  template <typename... Args>
+  static variable_list forward(AutogradContext*, Args&&... args) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return std::apply([](auto&&... t) { return variable_list{t...}; }, Op::call(std::forward<Args>(args)...));
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "mnist_fast: double backward of ", Op::name,
+                " is not supported; use stock torch.nn.functional for higher-order gradients");
+    return {};
+  }
+
+  // The usual case, a backward pass without create_graph, needs no graph node.
+  template <typename... Args>
+  static variable_list run(Args&&... args) {
+    if (at::GradMode::is_enabled()) return NoDoubleBackward::apply(std::forward<Args>(args)...);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return std::apply([](auto&&... t) { return variable_list{t...}; }, Op::call(std::forward<Args>(args)...));
+  }
+};
+
+struct LinearReLUBackwardOp {
+  static constexpr const char* name = "linear_relu";
+  template <typename... Args>
+  static auto call(Args&&... args) {
+    return linear_relu_backward(std::forward<Args>(args)...);
+  }
+};
+
+struct CrossEntropyBackwardOp {
+  static constexpr const char* name = "cross_entropy";
+  template <typename... Args>
+  static auto call(Args&&... args) {
+    return cross_entropy_backward(std::forward<Args>(args)...);
+  }
+};
+
+at::Tensor linear_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias) {
+  return LinearReLUFunction::apply(input, weight, bias);
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_autograd(const at::Tensor& input, const at::Tensor& target,
+                                                                  const std::optional<at::Tensor>& weight,
+                                                                  int64_t reduction, int64_t ignore_index,
+                                                                  double label_smoothing) {
+  auto out = CrossEntropyFunction::apply(input, target, weight, reduction, ignore_index, label_smoothing);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_autograd(const at::Tensor& grad_output,
+                                                                             const at::Tensor& input,
+                                                                             const at::Tensor& weight,
+                                                                             const at::Tensor& output,
+                                                                             std::array<bool, 3> output_mask) {
+  auto out = NoDoubleBackward<LinearReLUBackwardOp>::run(grad_output, input, weight, output, output_mask);
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_autograd(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const at::Tensor& logsumexp, int64_t reduction, int64_t ignore_index,
+    double label_smoothing, std::array<bool, 2> output_mask) {
+  auto out = NoDoubleBackward<CrossEntropyBackwardOp>::run(grad_loss, input, target, weight, logsumexp, reduction,
+                                                             ignore_index, label_smoothing, output_mask);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mnist_fast, Autograd, m) {
+  m.impl("linear_relu", TORCH_FN(linear_relu_autograd));
+  m.impl("cross_entropy_forward", TORCH_FN(cross_entropy_forward_autograd));
+  m.impl("linear_relu_backward", TORCH_FN(linear_relu_backward_autograd));
+  m.impl("cross_entropy_backward", TORCH_FN(cross_entropy_backward_autograd));
+}
+
+}  // namespace mnist_fast

@@ -1,0 +1,22 @@
+// The Python module mnist_fast._C. Importing it registers the ops (registration.cpp and the
+// kernel files); the functions below are the eager fast path: a pybind11 call into the same
+// dispatcher ops costs less than going through torch.ops (see mnist_fast/functional.py).
+#include <torch/extension.h>
+
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "mnist_fast compiled operators (fused Linear+ReLU and log-softmax+NLL)";
+  m.def("linear_relu", &mnist_fast::linear_relu, "relu(input @ weight.T + bias)", py::arg("input"),
+        py::arg("weight"), py::arg("bias") = py::none());
+  m.def("cross_entropy", &mnist_fast::cross_entropy, "fused log-softmax + NLL of an (N, C) input",
+        py::arg("input"), py::arg("target"), py::arg("weight"), py::arg("reduction"), py::arg("ignore_index"),
+        py::arg("label_smoothing"));
+  m.def("cuda_compiled", []() {
+#ifdef MNIST_FAST_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "whether the CUDA kernels were compiled into this build");
+}

@@ -1,0 +1,73 @@
+// The one place where mnist_fast's operator schemas are declared, and the C++ entry points that
+// call them through the dispatcher. Backend kernels live in cpu/ and cuda/, autograd in autograd.cpp.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace mnist_fast {
+
+// Looks an op up once and keeps its typed handle.
+#define MNIST_FAST_OP(name, signature)                                                        \
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mnist_fast::" name, \
+                                                                        "").typed<signature>()
+
+at::Tensor linear_relu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  MNIST_FAST_OP("linear_relu", decltype(linear_relu));
+  return op.call(input, weight, bias);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward(const at::Tensor& grad_output,
+                                                                    const at::Tensor& input,
+                                                                    const at::Tensor& weight,
+                                                                    const at::Tensor& output,
+                                                                    std::array<bool, 3> output_mask) {
+  MNIST_FAST_OP("linear_relu_backward", decltype(linear_relu_backward));
+  return op.call(grad_output, input, weight, output, output_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& input, const at::Tensor& target,
+                                                         const std::optional<at::Tensor>& weight,
+                                                         int64_t reduction, int64_t ignore_index,
+                                                         double label_smoothing) {
+  MNIST_FAST_OP("cross_entropy_forward", decltype(cross_entropy_forward));
+  return op.call(input, target, weight, reduction, ignore_index, label_smoothing);
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor& input,
+                                                          const at::Tensor& target,
+                                                          const std::optional<at::Tensor>& weight,
+                                                          const at::Tensor& logsumexp, int64_t reduction,
+                                                          int64_t ignore_index, double label_smoothing,
+                                                          std::array<bool, 2> output_mask) {
+  MNIST_FAST_OP("cross_entropy_backward", decltype(cross_entropy_backward));
+  return op.call(grad_loss, input, target, weight, logsumexp, reduction, ignore_index, label_smoothing,
+                 output_mask);
+}
+
+at::Tensor cross_entropy(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                         int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  return std::get<0>(cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing));
+}
+
+#undef MNIST_FAST_OP
+
+TORCH_LIBRARY(mnist_fast, m) {
+  m.def("linear_relu(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
+  m.def(
+      "linear_relu_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor output, bool[3] output_mask)"
+      " -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int reduction, int ignore_index,"
+      " float label_smoothing) -> (Tensor, Tensor)");
+  m.def(
+      "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor logsumexp,"
+      " int reduction, int ignore_index, float label_smoothing, bool[2] output_mask) -> (Tensor, Tensor)");
+  // The loss alone, for users of torch.ops; decomposes into cross_entropy_forward.
+  m.def(
+      "cross_entropy(Tensor input, Tensor target, Tensor? weight, int reduction, int ignore_index,"
+      " float label_smoothing) -> Tensor",
+      TORCH_FN(cross_entropy));
+}
+
+}  // namespace mnist_fast

@@ -1,0 +1,155 @@
+// Per-element and per-row arithmetic of the fused ops, shared by the CPU and the CUDA kernels.
+//
+// Everything here is a small inline function that is __host__ __device__ under nvcc and a plain
+// inline function under g++. The kernels differ only in how they walk rows (loops and
+// at::parallel_for on the CPU, warps and blocks on the GPU); the formulas they apply are these, so
+// the CPU test suite exercises the very arithmetic the GPU runs.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MNIST_FAST_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MNIST_FAST_HOST_DEVICE inline
+#endif
+
+namespace mnist_fast {
+namespace row_math {
+
+// Same numbering as at::Reduction, so Python can pass the usual codes.
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+// ---------------------------------------------------------------------------------------------
+// Linear+ReLU epilogues. NaN behaves as in torch.relu / threshold_backward: relu(NaN) = NaN and
+// the gradient flows through a NaN output.
+
+template <typename acc_t>
+MNIST_FAST_HOST_DEVICE acc_t bias_relu(acc_t gemm, acc_t bias) {
+  const acc_t v = gemm + bias;
+  return v < acc_t(0) ? acc_t(0) : v;
+}
+
+template <typename acc_t>
+MNIST_FAST_HOST_DEVICE acc_t relu_grad(acc_t grad, acc_t output) {
+  return output <= acc_t(0) ? acc_t(0) : grad;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy = log-softmax + NLL, with the options of F.cross_entropy.
+//
+// A row x of C logits is summarised by m = max(x), s = sum(exp(x - m)) and lse = m + log(s).
+// With class-index targets y, label smoothing eps and class weights w (all ones when absent):
+//   nll    = w[y] * (lse - x[y])
+//   smooth = sum_c w[c] * (lse - x[c])  = sum_c w[c] * (m - x[c]) + W * log(s),  W = sum_c w[c]
+//   loss   = (1 - eps) * nll + eps / C * smooth
+// and d loss / d x[c] = (1 - eps) w[y] (p[c] - [c == y]) + eps / C (W p[c] - w[c]), p = softmax(x).
+// The 'smooth' form with (m - x[c]) adds non-negative terms only: no cancellation for large logits.
+//
+// With probability targets t (a row of C values) the smoothed target is t' = (1 - eps) t + eps / C:
+//   loss = sum_c w[c] t'[c] (lse - x[c])
+//   d loss / d x[c] = p[c] S - w[c] t'[c],  S = sum_c w[c] t'[c]
+//   d loss / d t[c] = (1 - eps) w[c] (lse - x[c])
+
+template <typename acc_t>
+struct CrossEntropyOptions {
+  acc_t on_target;   // 1 - eps: weight of the one-hot (or given) target
+  acc_t per_class;   // eps / C: mass spread over every class
+  bool smoothing;    // eps > 0; when false the smoothing terms are never evaluated (as in stock)
+
+  MNIST_FAST_HOST_DEVICE CrossEntropyOptions(int64_t num_classes, double label_smoothing)
+      : on_target(acc_t(1.0 - label_smoothing)),
+        per_class(num_classes > 0 ? acc_t(label_smoothing / double(num_classes)) : acc_t(0)),
+        smoothing(label_smoothing > 0.0) {}
+
+  MNIST_FAST_HOST_DEVICE acc_t smoothed_target(acc_t t) const {
+    return smoothing ? t * on_target + per_class : t;
+  }
+};
+
+// NaN-propagating maximum, so a NaN logit gives a NaN loss as in stock log_softmax.
+template <typename acc_t>
+MNIST_FAST_HOST_DEVICE acc_t nan_max(acc_t a, acc_t b) {
+  return (a != a || a > b) ? a : b;
+}
+
+// ---- class-index targets ----
+
+// Loss of one row (reduction 'none').
+template <typename acc_t>
+MNIST_FAST_HOST_DEVICE acc_t index_row_loss(acc_t nll, acc_t smooth, const CrossEntropyOptions<acc_t>& o) {
+  return o.smoothing ? o.on_target * nll + o.per_class * smooth : nll;
+}
+
+// Reduction 'mean' divides both terms by the summed weight w[y] of the rows that are not ignored
+// (their count when no weight is given), as stock does: 0/0 = NaN when every row is ignored.
+
+// Reduced loss ('sum' or 'mean') from the summed per-row nll and smooth terms.
+template <typename acc_t>
+MNIST_FAST_HOST_DEVICE acc_t index_reduced_loss(acc_t nll_sum, acc_t smooth_sum, int64_t reduction,
+                                                acc_t target_weight_sum, const CrossEntropyOptions<acc_t>& o) {
+  const acc_t loss = index_row_loss(nll_sum, smooth_sum, o);
+  return reduction == kMean ? loss / target_weight_sum : loss;
+}
+
+// Per-row scales of the gradient: grad[c] = a (p[c] - [c == y]) + b (W p[c] - w[c]).
+template <typename acc_t>
+struct IndexGradScales {
+  acc_t a;
+  acc_t b;
+};
+
+template <typename acc_t>
+MNIST_FAST_HOST_DEVICE IndexGradScales<acc_t> index_grad_scales(acc_t grad_loss, acc_t target_weight,
+                                                                int64_t reduction, acc_t target_weight_sum,
+                                                                const CrossEntropyOptions<acc_t>& o) {
+  const acc_t g = reduction == kMean ? grad_loss / target_weight_sum : grad_loss;
+  IndexGradScales<acc_t> s;
+  s.a = (o.smoothing ? o.on_target : acc_t(1)) * target_weight * g;
+  s.b = o.smoothing ? o.per_class * g : acc_t(0);
+  return s;
+}
+
+template <typename acc_t>
+MNIST_FAST_HOST_DEVICE acc_t index_grad(acc_t p, bool is_target, acc_t class_weight, acc_t weight_sum,
+                                        const IndexGradScales<acc_t>& s) {
+  acc_t g = s.a * (is_target ? p - acc_t(1) : p);
+  if (s.b != acc_t(0)) g += s.b * (weight_sum * p - class_weight);
+  return g;
+}
+
+// ---- probability targets ----
+
+// One class's share of the row loss: w t' (lse - x), written literally so that a zero target
+// against a -inf logit gives NaN exactly as stock's -(log_softmax * t' * w) does.
+template <typename acc_t>
+MNIST_FAST_HOST_DEVICE acc_t prob_loss_term(acc_t x, acc_t lse, acc_t weighted_target) {
+  return weighted_target * (lse - x);
+}
+
+// Divisor of reduction 'mean' for probability targets: the number of rows (stock: numel / C).
+template <typename acc_t>
+MNIST_FAST_HOST_DEVICE acc_t prob_reduced_loss(acc_t loss_sum, int64_t rows, int64_t reduction) {
+  return reduction == kMean ? loss_sum / acc_t(rows) : loss_sum;
+}
+
+// Gradient scale of every row: the incoming grad, divided by the row count for 'mean'.
+template <typename acc_t>
+MNIST_FAST_HOST_DEVICE acc_t prob_grad_scale(acc_t grad_loss, int64_t rows, int64_t reduction) {
+  return reduction == kMean ? grad_loss / acc_t(rows) : grad_loss;
+}
+
+template <typename acc_t>
+MNIST_FAST_HOST_DEVICE acc_t prob_input_grad(acc_t p, acc_t weighted_target_sum, acc_t weighted_target,
+                                             acc_t g) {
+  return g * (p * weighted_target_sum - weighted_target);
+}
+
+template <typename acc_t>
+MNIST_FAST_HOST_DEVICE acc_t prob_target_grad(acc_t x, acc_t lse, acc_t class_weight, acc_t g,
+                                              const CrossEntropyOptions<acc_t>& o) {
+  return g * (o.smoothing ? o.on_target : acc_t(1)) * class_weight * (lse - x);
+}
+
+}  // namespace row_math
+}  // namespace mnist_fast

@@ -1,0 +1,27 @@
+"""mnist_fast: fused Linear+ReLU and log-softmax+NLL operators for PyTorch, and a fast MNIST trainer.
+
+    import mnist_fast
+    from mnist_fast import functional as MF
+
+    y = MF.linear_relu(x, weight, bias)           # == torch.relu(F.linear(x, weight, bias))
+    loss = MF.cross_entropy(logits, target)       # == F.cross_entropy(logits, target)
+    model = mnist_fast.fuse(stock_sequential)     # Linear -> ReLU pairs become LinearReLU
+    net = mnist_fast.models.MNISTNet()            # 784-128-64-10 from the fused layers
+
+The compiled operators are registered with PyTorch as torch.ops.mnist_fast.*.
+"""
+import torch  # noqa: F401  (the extension links against libtorch: load it first)
+
+from . import _C  # registers torch.ops.mnist_fast.*
+from . import _ops  # noqa: F401  (fake kernels for torch.compile and opcheck)
+from . import functional, models, nn
+from .nn import CrossEntropyLoss, LinearReLU, fuse
+
+__version__ = "0.1.0"
+
+__all__ = ["functional", "nn", "models", "LinearReLU", "CrossEntropyLoss", "fuse", "cuda_compiled"]
+
+
+def cuda_compiled() -> bool:
+    """Whether this build contains the CUDA kernels."""
+    return _C.cuda_compiled()

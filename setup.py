@@ -1,0 +1,88 @@
+"""Builds mnist_fast and its compiled extension mnist_fast._C.
+
+CUDA kernels (csrc/cuda/*.cu) are compiled when MNIST_FAST_CUDA=1, or by default when torch is a
+CUDA build and nvcc is found; MNIST_FAST_CUDA=0 forces a CPU-only build. No GPU is needed to
+compile: TORCH_CUDA_ARCH_LIST defaults to the architectures below when none is visible.
+Other switches: MNIST_FAST_DEBUG=1 (-O0 -g), MNIST_FAST_SANITIZE=1 (ASan + UBSan).
+
+Install with `pip install --no-build-isolation .` so the extension is built against the torch
+that is installed (an isolated build would fetch another torch and break the ABI).
+"""
+import glob
+import os
+import pathlib
+
+from setuptools import find_packages, setup
+import torch
+from torch.utils import cpp_extension
+
+ROOT = pathlib.Path(__file__).parent.resolve()
+DEFAULT_CUDA_ARCHS = "8.0;9.0"  # A100, H100/H200
+
+
+def env_flag(name):
+    """None when unset, else whether the variable says yes."""
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    if value not in ("0", "1"):
+        raise SystemExit(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def want_cuda():
+    forced = env_flag("MNIST_FAST_CUDA")
+    available = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if forced and not available:
+        raise SystemExit(
+            "MNIST_FAST_CUDA=1 but CUDA cannot be compiled here: "
+            f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
+        )
+    return available if forced is None else forced
+
+
+def cuda_library_dirs():
+    """Headers and libraries of the CUDA libraries shipped in torch's nvidia/* wheels (cuBLAS, ...)."""
+    try:
+        import nvidia
+    except ImportError:
+        return [], []
+    includes, libs = [], []
+    for base in nvidia.__path__:
+        for sub in sorted(pathlib.Path(base).iterdir()):
+            if (sub / "include").is_dir():
+                includes.append(str(sub / "include"))
+            if (sub / "lib").is_dir():
+                libs.append(str(sub / "lib"))
+    return includes, libs
+
+
+def extension():
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    debug = env_flag("MNIST_FAST_DEBUG") or False
+    sanitize = env_flag("MNIST_FAST_SANITIZE") or False
+    opt = ["-O0", "-g"] if (debug or sanitize) else ["-O3"]
+    cxx = opt + ["-fvisibility=hidden"]
+    ldflags = []
+    if sanitize:
+        cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+        ldflags += ["-fsanitize=address,undefined"]
+    kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=ldflags)
+    if not want_cuda():
+        return cpp_extension.CppExtension("mnist_fast._C", sources, **kwargs)
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    includes, libs = cuda_library_dirs()
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    kwargs["extra_compile_args"]["cxx"] += ["-DMNIST_FAST_WITH_CUDA"]
+    kwargs["extra_compile_args"]["nvcc"] = opt + ["-DMNIST_FAST_WITH_CUDA", "--expt-relaxed-constexpr"]
+    return cpp_extension.CUDAExtension(
+        "mnist_fast._C", sources, include_dirs=includes, library_dirs=libs, **kwargs
+    )
+
+
+setup(
+    packages=find_packages(include=["mnist_fast", "mnist_fast.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
