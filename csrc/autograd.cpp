@@ -3,7 +3,7 @@
 //
 // Each forward saves only what its backward op needs: the ReLU output (not the pre-activation) and
 // the per-row logsumexp (not the log-softmax). The backward ops are registered ops of their own, so
-// torch.compile sees only registered ops; differentiating them again raises a clear error.
+// torch.compile sees only registered ops.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -72,45 +72,17 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
   }
 };
 
-// Backward ops are differentiable only once: taking their gradient raises instead of being wrong.
-template <typename Op>
-class NoDoubleBackward : public torch::autograd::Function<NoDoubleBackward<Op>> {
- public:
-  template <typename... Args>
-  static variable_list forward(AutogradContext*, Args&&... args) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return std::apply([](auto&&... t) { return variable_list{t...}; }, Op::call(std::forward<Args>(args)...));
-  }
-  static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK(false, "mnist_fast: double backward of ", Op::name,
-                " is not supported; use stock torch.nn.functional for higher-order gradients");
-    return {};
-  }
-
-  // The usual case, a backward pass without create_graph, needs no graph node.
-  template <typename... Args>
-  static variable_list run(Args&&... args) {
-    if (at::GradMode::is_enabled()) return NoDoubleBackward::apply(std::forward<Args>(args)...);
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return std::apply([](auto&&... t) { return variable_list{t...}; }, Op::call(std::forward<Args>(args)...));
-  }
-};
-
-struct LinearReLUBackwardOp {
-  static constexpr const char* name = "linear_relu";
-  template <typename... Args>
-  static auto call(Args&&... args) {
-    return linear_relu_backward(std::forward<Args>(args)...);
-  }
-};
-
-struct CrossEntropyBackwardOp {
-  static constexpr const char* name = "cross_entropy";
-  template <typename... Args>
-  static auto call(Args&&... args) {
-    return cross_entropy_backward(std::forward<Args>(args)...);
-  }
-};
+// The backward ops have no derivative of their own. Called with inputs that require grad while
+// grad mode is on (backward(create_graph=True), gradgradcheck) they raise instead of returning a
+// result whose gradient would silently be wrong.
+template <typename... Tensors>
+void forbid_double_backward(const char* op, const Tensors&... tensors) {
+  if (!at::GradMode::is_enabled()) return;
+  const bool requires_grad = (... || (tensors.defined() && tensors.requires_grad()));
+  TORCH_CHECK(!requires_grad, "mnist_fast: double backward of ", op,
+              " is not supported (backward was called with create_graph=True); use stock "
+              "torch.nn.functional for higher-order gradients");
+}
 
 at::Tensor linear_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias) {
@@ -130,17 +102,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_autograd(con
                                                                              const at::Tensor& weight,
                                                                              const at::Tensor& output,
                                                                              std::array<bool, 3> output_mask) {
-  auto out = NoDoubleBackward<LinearReLUBackwardOp>::run(grad_output, input, weight, output, output_mask);
-  return {out[0], out[1], out[2]};
+  forbid_double_backward("linear_relu", grad_output, input, weight, output);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return linear_relu_backward(grad_output, input, weight, output, output_mask);
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_autograd(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const at::Tensor& logsumexp, int64_t reduction, int64_t ignore_index,
     double label_smoothing, std::array<bool, 2> output_mask) {
-  auto out = NoDoubleBackward<CrossEntropyBackwardOp>::run(grad_loss, input, target, weight, logsumexp, reduction,
-                                                             ignore_index, label_smoothing, output_mask);
-  return {out[0], out[1]};
+  forbid_double_backward("cross_entropy", grad_loss, input, target, logsumexp, weight.value_or(at::Tensor()));
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return cross_entropy_backward(grad_loss, input, target, weight, logsumexp, reduction, ignore_index,
+                                label_smoothing, output_mask);
 }
 
 }  // namespace

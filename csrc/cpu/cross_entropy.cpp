@@ -43,7 +43,8 @@ template <typename acc_t>
 struct RowStats {
   acc_t max;
   acc_t sum_exp;
-  acc_t lse() const { return max + std::log(sum_exp); }
+  acc_t log_sum_exp() const { return std::log(sum_exp); }
+  double lse() const { return static_cast<double>(max) + static_cast<double>(log_sum_exp()); }
 };
 
 template <typename scalar_t, typename acc_t>
@@ -101,7 +102,7 @@ void forward_index(const at::Tensor& input, const at::Tensor& target_, const std
   const auto target = index_targets(target_);
   const int64_t* y = target.data_ptr<int64_t>();
   const scalar_t* x = input.data_ptr<scalar_t>();
-  acc_t* lse_out = lse.data_ptr<acc_t>();
+  double* lse_out = lse.data_ptr<double>();
   const ClassWeights<scalar_t, acc_t> w(weight, classes);
   const CrossEntropyOptions<acc_t> opts(classes, label_smoothing);
   const acc_t weight_sum = index_target_weight_sum(y, rows, classes, w.data(), ignore_index);
@@ -115,14 +116,14 @@ void forward_index(const at::Tensor& input, const at::Tensor& target_, const std
     for (int64_t i = first; i < last; ++i) {
       const scalar_t* row = x + i * classes;
       const auto st = row_stats<scalar_t, acc_t>(row, classes);
-      const acc_t row_lse = st.lse();
-      lse_out[i] = row_lse;
+      const acc_t log_sum = st.log_sum_exp();
+      lse_out[i] = st.lse();
       acc_t nll = 0, smooth = 0;
       if (y[i] != ignore_index) {
-        nll = w[y[i]] * (row_lse - static_cast<acc_t>(row[y[i]]));
+        nll = w[y[i]] * neg_log_prob(static_cast<acc_t>(row[y[i]]), st.max, log_sum);
         if (opts.smoothing) {
           for (int64_t c = 0; c < classes; ++c) smooth += w[c] * (st.max - static_cast<acc_t>(row[c]));
-          smooth += w.total * std::log(st.sum_exp);
+          smooth += w.total * log_sum;
         }
       }
       if (loss_rows) loss_rows[i] = static_cast<scalar_t>(index_row_loss(nll, smooth, opts));
@@ -149,7 +150,7 @@ void forward_prob(const at::Tensor& input, const at::Tensor& target_, const std:
   const auto target = target_.contiguous();
   const scalar_t* x = input.data_ptr<scalar_t>();
   const scalar_t* t = target.data_ptr<scalar_t>();
-  acc_t* lse_out = lse.data_ptr<acc_t>();
+  double* lse_out = lse.data_ptr<double>();
   const ClassWeights<scalar_t, acc_t> w(weight, classes);
   const CrossEntropyOptions<acc_t> opts(classes, label_smoothing);
 
@@ -162,12 +163,13 @@ void forward_prob(const at::Tensor& input, const at::Tensor& target_, const std:
     for (int64_t i = first; i < last; ++i) {
       const scalar_t* row = x + i * classes;
       const scalar_t* trow = t + i * classes;
-      const acc_t row_lse = row_stats<scalar_t, acc_t>(row, classes).lse();
-      lse_out[i] = row_lse;
+      const auto st = row_stats<scalar_t, acc_t>(row, classes);
+      const acc_t log_sum = st.log_sum_exp();
+      lse_out[i] = st.lse();
       acc_t row_loss = 0;
       for (int64_t c = 0; c < classes; ++c) {
         const acc_t wt = w[c] * opts.smoothed_target(static_cast<acc_t>(trow[c]));
-        row_loss += prob_loss_term(static_cast<acc_t>(row[c]), row_lse, wt);
+        row_loss += prob_loss_term(neg_log_prob(static_cast<acc_t>(row[c]), st.max, log_sum), wt);
       }
       if (loss_rows) loss_rows[i] = static_cast<scalar_t>(row_loss);
       block_sum += row_loss;
@@ -227,7 +229,7 @@ void backward_index(const at::Tensor& grad_loss, const at::Tensor& input, const 
   const auto target = index_targets(target_);
   const int64_t* y = target.data_ptr<int64_t>();
   const scalar_t* x = input.data_ptr<scalar_t>();
-  const acc_t* row_lse = lse.data_ptr<acc_t>();
+  const double* row_lse = lse.data_ptr<double>();
   scalar_t* gx = grad_input.data_ptr<scalar_t>();
   const ClassWeights<scalar_t, acc_t> w(weight, classes);
   const CrossEntropyOptions<acc_t> opts(classes, label_smoothing);
@@ -244,7 +246,7 @@ void backward_index(const at::Tensor& grad_loss, const at::Tensor& input, const 
       const scalar_t* row = x + i * classes;
       const auto scales = index_grad_scales(g[i], w[y[i]], reduction, weight_sum, opts);
       for (int64_t c = 0; c < classes; ++c) {
-        const acc_t p = std::exp(static_cast<acc_t>(row[c]) - row_lse[i]);
+        const acc_t p = std::exp(-neg_log_prob(static_cast<acc_t>(row[c]), row_lse[i]));
         grow[c] = static_cast<scalar_t>(index_grad(p, c == y[i], w[c], w.total, scales));
       }
     }
@@ -260,7 +262,7 @@ void backward_prob(const at::Tensor& grad_loss, const at::Tensor& input, const a
   const auto target = target_.contiguous();
   const scalar_t* x = input.data_ptr<scalar_t>();
   const scalar_t* t = target.data_ptr<scalar_t>();
-  const acc_t* row_lse = lse.data_ptr<acc_t>();
+  const double* row_lse = lse.data_ptr<double>();
   scalar_t* gx = grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr;
   scalar_t* gt = grad_target.defined() ? grad_target.data_ptr<scalar_t>() : nullptr;
   const ClassWeights<scalar_t, acc_t> w(weight, classes);
@@ -276,7 +278,7 @@ void backward_prob(const at::Tensor& grad_loss, const at::Tensor& input, const a
         acc_t wt_sum = 0;
         for (int64_t c = 0; c < classes; ++c) wt_sum += w[c] * opts.smoothed_target(static_cast<acc_t>(trow[c]));
         for (int64_t c = 0; c < classes; ++c) {
-          const acc_t p = std::exp(static_cast<acc_t>(row[c]) - row_lse[i]);
+          const acc_t p = std::exp(-neg_log_prob(static_cast<acc_t>(row[c]), row_lse[i]));
           const acc_t wt = w[c] * opts.smoothed_target(static_cast<acc_t>(trow[c]));
           gx[i * classes + c] = static_cast<scalar_t>(prob_input_grad(p, wt_sum, wt, gi));
         }
@@ -284,7 +286,7 @@ void backward_prob(const at::Tensor& grad_loss, const at::Tensor& input, const a
       if (gt) {
         for (int64_t c = 0; c < classes; ++c) {
           gt[i * classes + c] =
-              static_cast<scalar_t>(prob_target_grad(static_cast<acc_t>(row[c]), row_lse[i], w[c], gi, opts));
+              static_cast<scalar_t>(prob_target_grad(neg_log_prob(static_cast<acc_t>(row[c]), row_lse[i]), w[c], gi, opts));
         }
       }
     }

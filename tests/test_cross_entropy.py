@@ -1,0 +1,292 @@
+"""mnist_fast.functional.cross_entropy against F.cross_entropy: gradcheck, parity, bad input."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+from mnist_fast import functional as MF
+from conftest import TOL
+
+op = torch.ops.mnist_fast
+IGNORE = -100
+
+
+def index_target(shape, classes, device, ignore_some):
+    t = torch.randint(0, classes, shape, device=device)
+    if ignore_some and t.numel() > 1:
+        t.view(-1)[::3] = IGNORE
+    return t
+
+
+def prob_target(shape, dtype, device):
+    return torch.softmax(torch.randn(shape, dtype=dtype, device=device), dim=1 if len(shape) > 1 else 0)
+
+
+# (input shape, class dimension size) of each layout F.cross_entropy accepts.
+LAYOUTS = {"(N,C)": (6, 5), "(C,)": (5,), "(N,C,d)": (3, 5, 4)}
+
+
+def target_shape(shape):
+    return shape[:1] + shape[2:] if len(shape) > 1 else ()
+
+
+OPTION_GRID = list(itertools.product(["mean", "sum", "none"], [False, True], [0.0, 0.25]))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("reduction,weighted,smoothing", OPTION_GRID)
+@pytest.mark.parametrize("ignore_some", [False, True])
+def test_gradcheck_class_indices(device, layout, reduction, weighted, smoothing, ignore_some):
+    shape = LAYOUTS[layout]
+    classes = shape[1] if len(shape) > 1 else shape[0]
+    x = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
+    t = index_target(target_shape(shape), classes, device, ignore_some)
+    w = torch.rand(classes, dtype=torch.float64, device=device) + 0.5 if weighted else None
+    kw = dict(weight=w, reduction=reduction, label_smoothing=smoothing, ignore_index=IGNORE)
+    torch.testing.assert_close(MF.cross_entropy(x, t, **kw), F.cross_entropy(x, t, **kw), **TOL[torch.float64])
+    assert torch.autograd.gradcheck(lambda x: MF.cross_entropy(x, t, **kw), (x,))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("reduction,weighted,smoothing", OPTION_GRID)
+def test_gradcheck_probabilities(device, layout, reduction, weighted, smoothing):
+    shape = LAYOUTS[layout]
+    classes = shape[1] if len(shape) > 1 else shape[0]
+    x = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
+    t = prob_target(shape, torch.float64, device).requires_grad_()
+    w = torch.rand(classes, dtype=torch.float64, device=device) + 0.5 if weighted else None
+    kw = dict(weight=w, reduction=reduction, label_smoothing=smoothing)
+    torch.testing.assert_close(MF.cross_entropy(x, t, **kw), F.cross_entropy(x, t, **kw), **TOL[torch.float64])
+    assert torch.autograd.gradcheck(lambda x, t: MF.cross_entropy(x, t, **kw), (x, t))
+
+
+def check_parity(x, t, dtype, **kw):
+    """Loss and input gradient equal stock's, for a leaf x of dtype."""
+    ours = MF.cross_entropy(x, t, **kw)
+    ref = F.cross_entropy(x, t, **kw)
+    if dtype == torch.float16 and not ref.isfinite().all():
+        # Stock sums the float16 smoothing terms in float16 and may overflow where the float64
+        # result is finite; we accumulate in float32, so compare with float64 rounded to float16.
+        exact = F.cross_entropy(x.double(), t.double() if t.is_floating_point() else t,
+                                **{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()})
+        if exact.isfinite().all():
+            ref = exact.to(dtype)
+    torch.testing.assert_close(ours, ref, **TOL[dtype], equal_nan=True)
+    g = torch.rand_like(ref)
+    grad_ours, = torch.autograd.grad(ours, x, g)
+    grad_ref, = torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(grad_ours, grad_ref, **TOL[dtype], equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("rows,classes", [(64, 10), (1, 10), (0, 10), (1024, 10), (64, 1000), (3, 1)])
+@pytest.mark.parametrize("reduction,weighted,smoothing", [("mean", False, 0.0), ("none", True, 0.1),
+                                                          ("sum", False, 0.3), ("mean", True, 0.2)])
+def test_parity(device, dtype, rows, classes, reduction, weighted, smoothing):
+    x = (3 * torch.randn(rows, classes, device=device)).to(dtype).requires_grad_()
+    t = index_target((rows,), classes, device, ignore_some=True)
+    w = (torch.rand(classes, device=device) + 0.5).to(dtype) if weighted else None
+    check_parity(x, t, dtype, weight=w, reduction=reduction, label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_parity_probabilities(device, dtype, reduction):
+    x = torch.randn(33, 7, device=device).to(dtype).requires_grad_()
+    t = prob_target((33, 7), torch.float32, device).to(dtype)
+    check_parity(x, t, dtype, reduction=reduction, label_smoothing=0.1)
+
+
+def test_probabilities_of_another_dtype_promote_like_stock(device):
+    x = torch.randn(4, 3, device=device, requires_grad=True)
+    t = prob_target((4, 3), torch.float64, device)
+    ours, ref = MF.cross_entropy(x, t), F.cross_entropy(x, t)
+    assert ours.dtype == ref.dtype == torch.float64
+    torch.testing.assert_close(ours, ref)
+
+
+def test_uint8_targets(device):
+    x = torch.randn(8, 10, device=device, requires_grad=True)
+    t = torch.randint(0, 10, (8,), device=device, dtype=torch.uint8)
+    check_parity(x, t, torch.float32)
+
+
+def test_non_contiguous_input_and_stride_zero_grad(device):
+    base = torch.randn(10, 40, device=device)
+    x = base.t()[::2].detach().requires_grad_()  # (20, 10), non-contiguous
+    assert not x.is_contiguous()
+    t = index_target((20,), 10, device, ignore_some=True)
+    # reduction='none' then .sum(): the backward receives an expanded grad of stride 0.
+    MF.cross_entropy(x, t, reduction="none").sum().backward()
+    ours = x.grad.clone()
+    x.grad = None
+    F.cross_entropy(x, t, reduction="none").sum().backward()
+    torch.testing.assert_close(ours, x.grad)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_extreme_logits(device, smoothing):
+    x = torch.tensor([[1e4, -1e4, 0.0], [-float("inf"), 1.0, 2.0], [80.0, 80.0, -80.0], [1000.5, 1000.25, 999.0],
+                      [-3e4, -3e4 + 0.5, -3e4 - 2]], device=device, requires_grad=True)
+    t = torch.tensor([0, 2, 1, 1, 2], device=device)
+    check_parity(x, t, torch.float32, label_smoothing=smoothing, reduction="none")
+
+
+def test_nan_logits_give_nan_like_stock(device):
+    x = torch.tensor([[float("nan"), 1.0], [0.5, 1.0]], device=device, requires_grad=True)
+    t = torch.tensor([1, 0], device=device)
+    check_parity(x, t, torch.float32, reduction="none")
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_all_rows_ignored_is_nan_like_stock(device, weighted):
+    x = torch.randn(3, 4, device=device, requires_grad=True)
+    t = torch.full((3,), IGNORE, device=device)
+    w = torch.rand(4, device=device) if weighted else None
+    check_parity(x, t, torch.float32, weight=w, label_smoothing=0.1)
+    assert MF.cross_entropy(x, t).isnan()
+
+
+def test_custom_ignore_index(device):
+    x = torch.randn(6, 4, device=device, requires_grad=True)
+    t = torch.tensor([0, 3, 3, 1, 2, 3], device=device)
+    check_parity(x, t, torch.float32, ignore_index=3, label_smoothing=0.2)
+
+
+def test_legacy_size_average_and_reduce(device):
+    x = torch.randn(5, 3, device=device, requires_grad=True)
+    t = torch.randint(0, 3, (5,), device=device)
+    check_parity(x, t, torch.float32, size_average=False)
+    check_parity(x, t, torch.float32, reduce=False)
+
+
+def test_reduced_loss_is_identical_for_any_thread_count():
+    # Rows are summed in fixed blocks, whatever the number of threads: bitwise equal results.
+    x = torch.randn(5000, 10, requires_grad=True)
+    t = torch.randint(0, 10, (5000,))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            loss = MF.cross_entropy(x, t, label_smoothing=0.1)
+            results.append((loss, *torch.autograd.grad(loss, x)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_log_softmax_nll_is_cross_entropy():
+    assert MF.log_softmax_nll is MF.cross_entropy
+
+
+def test_opcheck(device):
+    x = torch.randn(7, 5, device=device, requires_grad=True)
+    t = index_target((7,), 5, device, ignore_some=True)
+    w = torch.rand(5, device=device)
+    p = prob_target((7, 5), torch.float32, device).requires_grad_()
+    for args in [(x, t, w, 1, IGNORE, 0.1), (x, t, None, 0, IGNORE, 0.0), (x, p, w, 2, IGNORE, 0.2)]:
+        opcheck(op.cross_entropy_forward.default, args)
+    opcheck(op.cross_entropy.default, (x, t, w, 1, IGNORE, 0.1))
+    xd = x.detach()
+    loss, lse = op.cross_entropy_forward(xd, t, w, 0, IGNORE, 0.1)
+    opcheck(op.cross_entropy_backward.default, (torch.rand_like(loss), xd, t, w, lse, 0, IGNORE, 0.1, [True, False]))
+
+
+def test_double_backward_raises_clearly(device):
+    x = torch.randn(3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.tensor([0, 1, 3], device=device)
+    with pytest.raises(RuntimeError, match="double backward of cross_entropy is not supported"):
+        torch.autograd.gradgradcheck(lambda x: MF.cross_entropy(x, t), (x,))
+
+
+def test_weight_gradient_is_refused_clearly(device):
+    x = torch.randn(3, 4, device=device, requires_grad=True)
+    w = torch.rand(4, device=device, requires_grad=True)
+    loss = MF.cross_entropy(x, torch.tensor([0, 1, 3], device=device), weight=w)
+    with pytest.raises(RuntimeError, match="gradient with respect to weight is not implemented"):
+        loss.backward()
+
+
+# ---- bad input: stock raises, so do we, with a clear message and no crash ----
+
+def _x(d, *shape):
+    return torch.randn(*shape, device=d)
+
+
+BAD_INPUTS = {
+    "class index == C": (lambda d: (_x(d, 3, 5), torch.tensor([0, 5, 1], device=d)), {}, IndexError,
+                         "Target 5 is out of bounds"),
+    "negative class index": (lambda d: (_x(d, 3, 5), torch.tensor([0, -1, 1], device=d)), {}, IndexError,
+                             "Target -1 is out of bounds"),
+    "huge class index": (lambda d: (_x(d, 2, 5), torch.tensor([2**40, 1], device=d)), {}, IndexError,
+                         "out of bounds"),
+    "int32 target": (lambda d: (_x(d, 3, 5), torch.tensor([0, 1, 2], device=d, dtype=torch.int32)), {}, TypeError,
+                     "int64"),
+    "float index target": (lambda d: (_x(d, 3, 5), torch.tensor([0.0, 1.0, 2.0], device=d)), {}, TypeError,
+                           "int64"),
+    "integer probabilities": (lambda d: (_x(d, 3, 5), torch.ones(3, 5, device=d, dtype=torch.long)), {},
+                              TypeError, "floating-point target"),
+    "batch mismatch": (lambda d: (_x(d, 3, 5), torch.tensor([0, 1], device=d)), {}, ValueError,
+                       r"batch_size \(3\) to match target batch_size \(2\)"),
+    "weight length": (lambda d: (_x(d, 3, 5), torch.tensor([0, 1, 2], device=d)), dict(weight="len4"), ValueError,
+                      "a weight for each of the 5 classes"),
+    "weight dtype": (lambda d: (_x(d, 3, 5), torch.tensor([0, 1, 2], device=d)), dict(weight="f64"), TypeError,
+                     "same dtype"),
+    "label smoothing > 1": (lambda d: (_x(d, 3, 5), torch.tensor([0, 1, 2], device=d)), dict(label_smoothing=1.5),
+                            ValueError, "label_smoothing must be between 0.0 and 1.0"),
+    "ignore_index with probabilities": (lambda d: (_x(d, 3, 5), prob_target((3, 5), torch.float32, d)),
+                                        dict(ignore_index=1), ValueError, "ignore_index is not supported"),
+    "bad reduction": (lambda d: (_x(d, 3, 5), torch.tensor([0, 1, 2], device=d)), dict(reduction="avg"),
+                      ValueError, "not a valid value for reduction"),
+    "0-d input": (lambda d: (torch.tensor(1.0, device=d), torch.tensor(0, device=d)), {}, ValueError,
+                  "at least 1 dimension"),
+    "(N,C,d) target shape": (lambda d: (_x(d, 2, 3, 4), torch.zeros(2, 5, dtype=torch.long, device=d)), {},
+                             ValueError, "expected target of shape"),
+}
+
+
+def _resolve(kw, device):
+    weight = {"len4": torch.ones(4, device=device), "f64": torch.ones(5, device=device, dtype=torch.float64)}
+    return {k: weight[v] if k == "weight" else v for k, v in kw.items()}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_where_stock_raises(device, case):
+    build, kw, error, message = BAD_INPUTS[case]
+    x, t = build(device)
+    kw = _resolve(kw, device)
+    if device.type == "cpu":  # a bad index on CUDA is a device-side assert, which poisons the context
+        with pytest.raises((RuntimeError, ValueError, IndexError)):
+            F.cross_entropy(x, t, **kw)
+    if device.type == "cuda" and error is IndexError:
+        pytest.skip("out-of-range indices on CUDA raise through a device-side assert (tested in a subprocess)")
+    with pytest.raises(error, match=message):
+        MF.cross_entropy(x, t, **kw)
+
+
+@pytest.mark.parametrize("args,error,message", [
+    ((torch.randn(2, 3, 4), torch.zeros(2, dtype=torch.long), None, 1, IGNORE, 0.0), ValueError, "shape \\(N, C\\)"),
+    ((torch.randn(2, 3), torch.zeros(2, dtype=torch.long), None, 3, IGNORE, 0.0), ValueError, "reduction must be"),
+    ((torch.randn(2, 3), torch.zeros(2, 2), None, 1, IGNORE, 0.0), ValueError, "probability targets must have"),
+])
+def test_ops_check_their_arguments_when_called_directly(args, error, message):
+    with pytest.raises(error, match=message):
+        op.cross_entropy_forward(*args)
+
+
+def test_backward_op_checks_targets_and_saved_shapes():
+    x = torch.randn(3, 4)
+    t = torch.tensor([0, 1, 2])
+    loss, lse = op.cross_entropy_forward(x, t, None, 1, IGNORE, 0.0)
+    with pytest.raises(IndexError, match="out of bounds"):
+        op.cross_entropy_backward(torch.ones(()), x, torch.tensor([0, 9, 2]), None, lse, 1, IGNORE, 0.0, [True, False])
+    with pytest.raises(ValueError, match="logsumexp of shape"):
+        op.cross_entropy_backward(torch.ones(()), x, t, None, lse[:2], 1, IGNORE, 0.0, [True, False])
+    with pytest.raises(ValueError, match="0-d grad_loss"):
+        op.cross_entropy_backward(torch.ones(3), x, t, None, lse, 1, IGNORE, 0.0, [True, False])
+    with pytest.raises(RuntimeError, match="class-index targets have no gradient"):
+        op.cross_entropy_backward(torch.ones(()), x, t, None, lse, 1, IGNORE, 0.0, [True, True])
