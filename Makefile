@@ -30,8 +30,7 @@ pytest: build
 	$(PY) -m pytest tests
 
 ctest: setup
-	$(PY) scripts/cmake_build.py --build-dir build-cmake --jobs $(JOBS)
-	ctest --test-dir build-cmake --output-on-failure
+	$(PY) scripts/cmake_build.py --build-dir build-cmake --jobs $(JOBS) --test
 
 test: pytest ctest
 
