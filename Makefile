@@ -12,7 +12,7 @@ ARGS ?=
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export MAX_JOBS ?= $(JOBS)
 
-.PHONY: setup build test pytest ctest train bench clean
+.PHONY: setup build test pytest ctest train bench sanitize clean
 
 setup: $(VENV)/.installed
 
@@ -37,8 +37,12 @@ test: pytest ctest
 train: build
 	$(PY) -m mnist_fast.train $(ARGS)
 
+# ASan + UBSan build of the extension (in build-sanitize/) and the kernel tests under it.
+sanitize: setup
+	scripts/sanitize.sh
+
 bench: build
 	$(PY) -m pytest benchmarks --benchmark-only
 
 clean:
-	rm -rf build build-cmake mnist_fast/_C*.so *.egg-info
+	rm -rf build build-cmake build-sanitize mnist_fast/_C*.so *.egg-info

@@ -22,6 +22,14 @@ using row_math::relu_grad;
 // Elements per parallel task below which the pass stays on the calling thread.
 constexpr int64_t kGrain = 32768;
 
+// A (*, features) tensor as a (rows, features) matrix; reshape({-1, 0}) would be ambiguous.
+at::Tensor as_matrix(const at::Tensor& t) {
+  const auto sizes = t.sizes();
+  int64_t rows = 1;
+  for (size_t d = 0; d + 1 < sizes.size(); ++d) rows *= sizes[d];
+  return t.reshape({rows, sizes.back()});
+}
+
 // out[i, j] = relu(out[i, j] + bias[j]) on a contiguous (rows, cols) GEMM result.
 void bias_relu_inplace(at::Tensor& out, const std::optional<at::Tensor>& bias) {
   const int64_t rows = out.size(0), cols = out.size(1);
@@ -44,7 +52,7 @@ void bias_relu_inplace(at::Tensor& out, const std::optional<at::Tensor>& bias) {
 
 at::Tensor linear_relu_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_linear_relu_args(input, weight, bias);
-  auto out = at::mm(input.reshape({-1, input.size(-1)}), weight.t());
+  auto out = at::mm(as_matrix(input), weight.t());
   bias_relu_inplace(out, bias);
   auto shape = input.sizes().vec();
   shape.back() = weight.size(0);
@@ -100,12 +108,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(const at
   at::Tensor grad_input, grad_weight, grad_bias;
   if (!output_mask[0] && !output_mask[1] && !output_mask[2]) return {grad_input, grad_weight, grad_bias};
   const int64_t out_features = weight.size(0);
-  const auto output2d = output.reshape({-1, out_features}).contiguous();
+  const auto output2d = as_matrix(output).contiguous();
   auto grad_pre = at::empty_like(output2d);
   if (output_mask[2]) grad_bias = at::empty({out_features}, output.options());
-  mask_grad(grad_output.reshape({-1, out_features}), output2d, grad_pre, grad_bias);
+  mask_grad(as_matrix(grad_output), output2d, grad_pre, grad_bias);
   if (output_mask[0]) grad_input = at::mm(grad_pre, weight).view(input.sizes());
-  if (output_mask[1]) grad_weight = at::mm(grad_pre.t(), input.reshape({-1, input.size(-1)}));
+  if (output_mask[1]) grad_weight = at::mm(grad_pre.t(), as_matrix(input));
   return {grad_input, grad_weight, grad_bias};
 }
 
