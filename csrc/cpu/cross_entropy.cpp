@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "fast_exp.h"
 
 namespace mnist_fast {
 namespace {
@@ -47,12 +48,32 @@ struct RowStats {
   double lse() const { return static_cast<double>(max) + static_cast<double>(log_sum_exp()); }
 };
 
+// Reductions over a row run in kLanes independent lanes, which the compiler vectorizes without
+// reassociating (it may not reorder one float sum), then combine the lanes in a fixed order.
+constexpr int64_t kLanes = 16;
+
+template <typename acc_t, typename Value, typename Combine>
+acc_t lane_reduce(int64_t n, acc_t init, const Value& value, const Combine& combine) {
+  acc_t lanes[kLanes];
+  std::fill(lanes, lanes + kLanes, init);
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = combine(lanes[l], value(c + l));
+  }
+  acc_t out = init;
+  for (; c < n; ++c) out = combine(out, value(c));
+  for (int64_t l = 0; l < kLanes; ++l) out = combine(out, lanes[l]);
+  return out;
+}
+
 template <typename scalar_t, typename acc_t>
 RowStats<acc_t> row_stats(const scalar_t* x, int64_t classes) {
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t c = 0; c < classes; ++c) m = nan_max(static_cast<acc_t>(x[c]), m);
-  acc_t s = 0;
-  for (int64_t c = 0; c < classes; ++c) s += std::exp(static_cast<acc_t>(x[c]) - m);
+  auto logit = [x](int64_t c) { return static_cast<acc_t>(x[c]); };
+  // A NaN logit may be skipped by this max; it still makes exp(x - m), and so the row, NaN.
+  const acc_t m = lane_reduce<acc_t>(classes, -std::numeric_limits<acc_t>::infinity(), logit,
+                                     [](acc_t a, acc_t b) { return b > a ? b : a; });
+  const acc_t s = lane_reduce<acc_t>(classes, acc_t(0), [&](int64_t c) { return cpu::exp_acc(logit(c) - m); },
+                                     [](acc_t a, acc_t b) { return a + b; });
   return {m, s};
 }
 
@@ -72,21 +93,24 @@ acc_t index_target_weight_sum(const int64_t* target, int64_t rows, int64_t class
   return total;
 }
 
-// Weights as the accumulation type (nullptr when absent) and their sum W (C when absent).
+// Class weights as the accumulation type (all ones when absent, so loops need no branch) and
+// their sum W.
 template <typename scalar_t, typename acc_t>
 struct ClassWeights {
   std::vector<acc_t> values;
-  acc_t total;
-  ClassWeights(const std::optional<at::Tensor>& weight, int64_t classes) : total(acc_t(classes)) {
-    if (!weight.has_value() || !weight->defined()) return;
-    const auto w = weight->contiguous();
-    const scalar_t* p = w.data_ptr<scalar_t>();
-    values.assign(p, p + classes);
-    total = 0;
+  acc_t total = 0;
+  bool given;
+  ClassWeights(const std::optional<at::Tensor>& weight, int64_t classes)
+      : values(classes, acc_t(1)), given(weight.has_value() && weight->defined()) {
+    if (given) {
+      const auto w = weight->contiguous();
+      const scalar_t* p = w.data_ptr<scalar_t>();
+      values.assign(p, p + classes);
+    }
     for (acc_t v : values) total += v;
   }
-  const acc_t* data() const { return values.empty() ? nullptr : values.data(); }
-  acc_t operator[](int64_t c) const { return values.empty() ? acc_t(1) : values[c]; }
+  const acc_t* given_or_null() const { return given ? values.data() : nullptr; }
+  acc_t operator[](int64_t c) const { return values[c]; }
 };
 
 at::Tensor index_targets(const at::Tensor& target) {
@@ -105,7 +129,7 @@ void forward_index(const at::Tensor& input, const at::Tensor& target_, const std
   double* lse_out = lse.data_ptr<double>();
   const ClassWeights<scalar_t, acc_t> w(weight, classes);
   const CrossEntropyOptions<acc_t> opts(classes, label_smoothing);
-  const acc_t weight_sum = index_target_weight_sum(y, rows, classes, w.data(), ignore_index);
+  const acc_t weight_sum = index_target_weight_sum(y, rows, classes, w.given_or_null(), ignore_index);
 
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   std::vector<acc_t> partial(2 * blocks, acc_t(0));  // per block: sum of nll, sum of smooth
@@ -233,7 +257,7 @@ void backward_index(const at::Tensor& grad_loss, const at::Tensor& input, const 
   scalar_t* gx = grad_input.data_ptr<scalar_t>();
   const ClassWeights<scalar_t, acc_t> w(weight, classes);
   const CrossEntropyOptions<acc_t> opts(classes, label_smoothing);
-  const acc_t weight_sum = index_target_weight_sum(y, rows, classes, w.data(), ignore_index);
+  const acc_t weight_sum = index_target_weight_sum(y, rows, classes, w.given_or_null(), ignore_index);
   const LossGrad<acc_t> g(grad_loss, reduction);
 
   for_each_row_block(rows, classes, [&](int64_t, int64_t first, int64_t last) {
@@ -245,10 +269,15 @@ void backward_index(const at::Tensor& grad_loss, const at::Tensor& input, const 
       }
       const scalar_t* row = x + i * classes;
       const auto scales = index_grad_scales(g[i], w[y[i]], reduction, weight_sum, opts);
-      for (int64_t c = 0; c < classes; ++c) {
-        const acc_t p = std::exp(-neg_log_prob(static_cast<acc_t>(row[c]), row_lse[i]));
-        grow[c] = static_cast<scalar_t>(index_grad(p, c == y[i], w[c], w.total, scales));
-      }
+      const SplitLogSumExp<acc_t> lse(row_lse[i]);
+      const acc_t* wc = w.values.data();
+      auto grad_of = [&](int64_t c, bool is_target) {
+        const acc_t p = cpu::exp_acc(-lse.neg_log_prob(static_cast<acc_t>(row[c])));
+        return static_cast<scalar_t>(index_grad(p, is_target, wc[c], w.total, scales));
+      };
+      // Every class as a non-target (a loop that vectorizes), then the target class redone.
+      for (int64_t c = 0; c < classes; ++c) grow[c] = grad_of(c, false);
+      grow[y[i]] = grad_of(y[i], true);
     }
   });
 }
@@ -274,11 +303,12 @@ void backward_prob(const at::Tensor& grad_loss, const at::Tensor& input, const a
       const scalar_t* row = x + i * classes;
       const scalar_t* trow = t + i * classes;
       const acc_t gi = prob_grad_scale(g[i], rows, reduction);
+      const SplitLogSumExp<acc_t> lse(row_lse[i]);
       if (gx) {
         acc_t wt_sum = 0;
         for (int64_t c = 0; c < classes; ++c) wt_sum += w[c] * opts.smoothed_target(static_cast<acc_t>(trow[c]));
         for (int64_t c = 0; c < classes; ++c) {
-          const acc_t p = std::exp(-neg_log_prob(static_cast<acc_t>(row[c]), row_lse[i]));
+          const acc_t p = cpu::exp_acc(-lse.neg_log_prob(static_cast<acc_t>(row[c])));
           const acc_t wt = w[c] * opts.smoothed_target(static_cast<acc_t>(trow[c]));
           gx[i * classes + c] = static_cast<scalar_t>(prob_input_grad(p, wt_sum, wt, gi));
         }
@@ -286,7 +316,7 @@ void backward_prob(const at::Tensor& grad_loss, const at::Tensor& input, const a
       if (gt) {
         for (int64_t c = 0; c < classes; ++c) {
           gt[i * classes + c] =
-              static_cast<scalar_t>(prob_target_grad(neg_log_prob(static_cast<acc_t>(row[c]), row_lse[i]), w[c], gi, opts));
+              static_cast<scalar_t>(prob_target_grad(lse.neg_log_prob(static_cast<acc_t>(row[c])), w[c], gi, opts));
         }
       }
     }
