@@ -36,6 +36,7 @@ __all__ = [
     "Dataset",
     "Batches",
     "read_idx",
+    "write_idx",
     "normalize",
     "find_dataset",
     "load_dataset",
@@ -130,6 +131,19 @@ def read_idx(path: PathLike) -> Tensor:
     if expected == header_size:  # frombuffer refuses an empty view
         return torch.empty(shape, dtype=torch.uint8)
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header_size).reshape(shape)
+
+
+def write_idx(path: PathLike, tensor: Tensor) -> None:
+    """Write a uint8 tensor as an IDX file (gzip-compressed when path ends in .gz); read_idx reads it back."""
+    if tensor.dtype != torch.uint8 or tensor.dim() == 0:
+        raise ValueError(f"write_idx: expected a uint8 tensor with at least one dimension, got {tensor.dtype} "
+                         f"of shape {tuple(tensor.shape)}")
+    header = bytes((0, 0, _IDX_UBYTE, tensor.dim())) + b"".join(d.to_bytes(4, "big") for d in tensor.shape)
+    payload = header + tensor.contiguous().cpu().numpy().tobytes()
+    path = Path(path)
+    if path.suffix == ".gz":
+        payload = gzip.compress(payload, compresslevel=1)
+    path.write_bytes(payload)
 
 
 def normalize(images: Tensor) -> Tensor:
