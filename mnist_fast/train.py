@@ -215,6 +215,8 @@ def load_checkpoint(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... for a bad file
         reason = str(e).split(". ")[0].strip() or type(e).__name__  # torch's first sentence says what broke
+        if reason.startswith("Weights only load failed"):
+            reason = "it holds Python objects besides tensors and plain values, and loading those could run code"
         raise CheckpointError(f"{path} is not a readable checkpoint ({reason}); delete it or pass another path") from e
     if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
         raise CheckpointError(f"{path} is not an mnist_fast.train checkpoint")
