@@ -3,6 +3,9 @@ learnable data set written here (class k = a bright band at row 2k + 4), so each
 well under a second."""
 import dataclasses
 import json
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -292,3 +295,11 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         train._atomic_write(path, broken_writer)
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["run.pt"]
+
+
+def test_example_script_runs(data_dir, monkeypatch, capsys):
+    example = Path(__file__).resolve().parents[1] / "examples" / "train_mnist.py"
+    monkeypatch.setattr(sys, "argv", [str(example), "--data-dir", str(data_dir), "--epochs", "2"])
+    runpy.run_path(str(example), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("epoch 2: training loss")
