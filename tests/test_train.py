@@ -77,6 +77,7 @@ def test_defaults():
     (["--dataset", "cifar"], "argument --dataset: invalid choice"),
     (["--backend", "apex"], "argument --backend: invalid choice"),
     (["--limit", "x"], "argument --limit: expected a positive integer, got x"),
+    (["--show", "51"], "--show: at most 50 images, got 51"),
 ])
 def test_argument_errors(capsys, argv, message):
     with pytest.raises(SystemExit) as info:
@@ -262,6 +263,13 @@ def test_other_files_are_not_checkpoints(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save({"hidden.0.weight": torch.zeros(2)}, path)
     with pytest.raises(CheckpointError, match="not an mnist_fast.train checkpoint"):
+        train.load_checkpoint(path)
+
+
+def test_incomplete_checkpoint(tmp_path):
+    path = tmp_path / "run.pt"
+    torch.save({"kind": train.CHECKPOINT_KIND, "version": train.CHECKPOINT_VERSION, "epochs_done": 1}, path)
+    with pytest.raises(CheckpointError, match="is incomplete: it has no options, model, optimizer, rng, history"):
         train.load_checkpoint(path)
 
 
