@@ -2,10 +2,15 @@
 
     python -m mnist_fast.train                                   # MNIST, 10 epochs, the defaults
     python -m mnist_fast.train --dataset fashion-mnist --plot curves.png --show 8
-    python -m mnist_fast.train --optimizer sgd --lr 0.003 --momentum 0 --epochs 5   # the lesson's recipe
+    python -m mnist_fast.train --lr 0.003 --momentum 0 --schedule constant --epochs 5   # the lesson's recipe
     python -m mnist_fast.train --backend stock                   # nn.Sequential + LogSoftmax + NLLLoss
     python -m mnist_fast.train --checkpoint run.pt               # ... then after a kill, add --resume
-    torchrun --nproc_per_node=2 -m mnist_fast.train --threads 1  # DistributedDataParallel
+    torchrun --nproc_per_node=2 -m mnist_fast.train              # DistributedDataParallel
+
+Defaults: SGD with momentum 0.9, lr 0.01 decayed by a cosine over the epochs, batch 64, 10 epochs, one
+CPU thread. Measured on Fashion-MNIST: 88.3-88.6% test accuracy after 10 epochs (seeds 0-2), against
+79% for the lesson's recipe after 5. MNIST itself could not be measured on the development machines
+(no copy, no network); it is the easier of the two, and the target there is >= 97.5%.
 
 Datasets: `--dataset mnist` (default) or `fashion-mnist`, looked for as mnist_fast.data describes
 (--data-dir, torchvision's layout under it, Debian's /usr/share/datasets/fashion-mnist, then a
@@ -94,42 +99,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mnist_fast.train",
         description="Train the lesson's 784-128-64-10 MNIST classifier with mnist_fast's fused layers.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
     add("--dataset", choices=(*mnist_data.DATASETS, "auto"), default="mnist",
-        help="auto: MNIST, or Fashion-MNIST with a notice when MNIST is unavailable")
-    add("--data-dir", default=None,
+        help="default: mnist; auto: MNIST, or Fashion-MNIST with a notice when MNIST cannot be had")
+    add("--data-dir", metavar="FOLDER", default=None,
         help="folder with the IDX files (default: ~/.pytorch/MNIST_data or ~/.pytorch/F_MNIST_data); "
              "with --dataset auto it applies to MNIST")
     add("--no-download", action="store_true", help="never try to download a missing dataset")
-    add("--epochs", type=_positive_int, default=10)
-    add("--batch-size", type=_positive_int, default=64, help="samples per step (per process under torchrun)")
-    add("--optimizer", choices=("sgd", "adam"), default="sgd")
+    add("--epochs", type=_positive_int, default=10, help="default: 10")
+    add("--batch-size", type=_positive_int, default=64, help="samples per step, per process under torchrun (default: 64)")
+    add("--optimizer", choices=("sgd", "adam"), default="sgd", help="default: sgd")
     add("--lr", type=_positive_float, default=None,
         help=f"learning rate (default: {DEFAULT_LR['sgd']} for sgd, {DEFAULT_LR['adam']} for adam)")
-    add("--momentum", type=float, default=None,
-        help=f"SGD momentum (default: {DEFAULT_MOMENTUM}; the lesson used 0)")
+    add("--momentum", type=float, default=None, help=f"SGD momentum (default: {DEFAULT_MOMENTUM}; the lesson used 0)")
     add("--schedule", choices=("cosine", "constant"), default="cosine",
-        help="learning rate per epoch: cosine decays from --lr towards 0 over --epochs")
+        help="learning rate per epoch; cosine (default) decays from --lr towards 0 over --epochs")
     add("--backend", choices=("fused", "stock"), default="fused",
-        help="fused: mnist_fast's MNISTNet + CrossEntropyLoss; stock: the lesson's nn.Sequential + NLLLoss")
+        help="fused (default): mnist_fast's MNISTNet + CrossEntropyLoss; "
+             "stock: the lesson's nn.Sequential + LogSoftmax + NLLLoss")
     add("--loader", choices=("tensor", "dataloader"), default="tensor",
-        help="tensor: batches cut from whole tensors; dataloader: the lesson's DataLoader + transforms")
-    add("--device", choices=("auto", "cpu", "cuda"), default="auto")
+        help="tensor (default): batches cut from whole tensors; "
+             "dataloader: the lesson's DataLoader + transforms, for comparison")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto (cuda when available)")
     add("--threads", type=_non_negative_int, default=1,
-        help="CPU threads (torch.set_num_threads); 0: torch's default. One thread is fastest for this small "
-             "model on a shared machine, and a fixed count keeps resumed runs bit-identical")
-    add("--seed", type=int, default=0)
-    add("--limit", type=_positive_int, default=None, help="train on the first N training samples only")
+        help="CPU threads (default: 1; 0: torch's choice). One thread is fastest for this small model on a "
+             "shared machine, and a fixed count keeps resumed runs bit-identical")
+    add("--seed", type=int, default=0, help="seeds the initial weights and every epoch's shuffle (default: 0)")
+    add("--limit", type=_positive_int, default=None, metavar="N", help="train on the first N training images only")
     add("--compile", action="store_true", help="torch.compile the model")
-    add("--checkpoint", type=Path, default=None, help="write a checkpoint here after every epoch")
+    add("--checkpoint", type=Path, default=None, metavar="PATH", help="write a checkpoint here after every epoch")
     add("--resume", action="store_true", help="continue the run saved in --checkpoint")
-    add("--plot", type=Path, default=None, help="write a PNG of loss and accuracy per epoch")
-    add("--metrics", type=Path, default=None, help="write the per-epoch metrics as JSON")
+    add("--plot", type=Path, default=None, metavar="PNG", help="write a plot of loss and accuracy per epoch")
+    add("--metrics", type=Path, default=None, metavar="JSON", help="write the per-epoch metrics")
     add("--show", type=_non_negative_int, default=0, metavar="N",
         help=f"write a PNG of the first N (at most {MAX_SHOW}) test images with their predicted class probabilities")
-    add("--show-file", type=Path, default=Path("predictions.png"), help="where --show writes")
+    add("--show-file", type=Path, default=Path("predictions.png"), metavar="PNG",
+        help="where --show writes (default: predictions.png)")
     return parser
 
 
