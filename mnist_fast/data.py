@@ -21,9 +21,10 @@ import gzip
 import io
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -279,6 +280,7 @@ def _download(name: str, data_dir: Path) -> None:
     except ImportError as e:
         raise RuntimeError("torchvision is not installed (pip install torchvision)") from e
     cls = getattr(torchvision.datasets, DATASETS[name].torchvision_name)
+    print(f"{name}: downloading into {data_dir} with torchvision.datasets.{cls.__name__} ...", file=sys.stderr)
     chatter = io.StringIO()  # torchvision prints every mirror it tries; keep only the final error
     with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
         for train in (True, False):
@@ -302,7 +304,7 @@ def find_dataset(name: str, data_dir: Optional[PathLike] = None, download: bool 
         if files:
             return files
 
-    failure = "download not attempted (download=False)"
+    failure = "download not attempted (--no-download, or download=False)"
     if download:
         try:
             _download(name, data_dir)
@@ -320,7 +322,8 @@ def find_dataset(name: str, data_dir: Optional[PathLike] = None, download: bool 
     if name == "fashion-mnist":
         hint = "\nOn Debian/Ubuntu: apt-get install dataset-fashion-mnist"
     elif name == "mnist":
-        hint = "\nNo MNIST at hand? Try --dataset fashion-mnist (on Debian/Ubuntu: apt-get install dataset-fashion-mnist)"
+        hint = ("\nNo MNIST at hand? Try --dataset fashion-mnist "
+                "(on Debian/Ubuntu: apt-get install dataset-fashion-mnist)")
     raise DatasetNotFoundError(
         f"{name} not found; looked in:\n{looked}\n{failure}.\n"
         f"Put the four IDX files ({names}) in one of those folders, or pass --data-dir FOLDER.{hint}"

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
              "with --dataset auto it applies to MNIST")
     add("--no-download", action="store_true", help="never try to download a missing dataset")
     add("--epochs", type=_positive_int, default=10, help="default: 10")
-    add("--batch-size", type=_positive_int, default=64, help="samples per step, per process under torchrun (default: 64)")
+    add("--batch-size", type=_positive_int, default=64,
+        help="samples per step, per process under torchrun (default: 64)")
     add("--optimizer", choices=("sgd", "adam"), default="sgd", help="default: sgd")
     add("--lr", type=_positive_float, default=None,
         help=f"learning rate (default: {DEFAULT_LR['sgd']} for sgd, {DEFAULT_LR['adam']} for adam)")
@@ -506,7 +507,7 @@ def _train(args, env: _Distributed) -> TrainResult:
     if args.compile:
         train_model = torch.compile(train_model)
 
-    optimizer_text = f"{args.optimizer} lr {args.lr}" + (f" momentum {args.momentum}" if args.optimizer == "sgd" else "")
+    optimizer_text = f"{args.optimizer} lr {args.lr}" + (f" momentum {args.momentum}" * (args.optimizer == "sgd"))
     log(f"{dataset.name}: {len(train_split)} training / {len(test_split)} test images from {dataset.source}; "
         f"{args.backend} backend, {args.loader} loader, {optimizer_text}, batch {args.batch_size}, "
         f"device {device}" + (f", {env.world_size} processes" if env.active else ""))
@@ -549,7 +550,8 @@ def _report(args, dataset, model, test_split, history, start_epoch, log) -> None
     if history:
         timed = history[start_epoch:] or history
         mean_time = sum(h["epoch_time_s"] for h in timed) / len(timed)
-        log(f"done: {dataset.name}, {len(history)} epoch{'s' if len(history) != 1 else ''}, test accuracy {100 * history[-1]['test_accuracy']:.2f}%, "
+        epochs = f"{len(history)} epoch" + "s" * (len(history) != 1)
+        log(f"done: {dataset.name}, {epochs}, test accuracy {100 * history[-1]['test_accuracy']:.2f}%, "
             f"mean epoch time {mean_time:.2f} s")
     if args.metrics is not None:
         document = {"dataset": dataset.name, "options": {k: (str(v) if isinstance(v, Path) else v)

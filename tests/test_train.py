@@ -59,7 +59,8 @@ def _assert_same_weights(a, b):
 
 def test_defaults():
     args = parse_args([])
-    assert (args.dataset, args.batch_size, args.epochs, args.backend, args.optimizer) == ("mnist", 64, 10, "fused", "sgd")
+    assert (args.dataset, args.batch_size, args.epochs) == ("mnist", 64, 10)
+    assert (args.backend, args.optimizer, args.loader) == ("fused", "sgd", "tensor")
     assert (args.lr, args.momentum, args.schedule, args.threads) == (0.01, 0.9, "cosine", 1)
     assert parse_args(["--optimizer", "adam"]).lr == 0.001
     lesson = parse_args(["--lr", "0.003", "--momentum", "0", "--schedule", "constant"])
