@@ -312,3 +312,11 @@ def test_example_script_runs(data_dir, monkeypatch, capsys):
     runpy.run_path(str(example), run_name="__main__")
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[1].startswith("epoch 2: training loss")
+
+
+def test_cosine_schedule_decays_from_lr_towards_zero():
+    args = parse_args(["--epochs", "4", "--lr", "0.1"])
+    rates = [train.learning_rate(args, epoch) for epoch in range(4)]
+    assert rates[0] == pytest.approx(0.1) and rates == sorted(rates, reverse=True) and rates[-1] < 0.02
+    constant = parse_args(["--epochs", "4", "--lr", "0.1", "--schedule", "constant"])
+    assert [train.learning_rate(constant, epoch) for epoch in range(4)] == [0.1] * 4
