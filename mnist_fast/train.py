@@ -398,6 +398,16 @@ def _resolve_device(choice: str, env: _Distributed) -> torch.device:
     return torch.device("cpu")
 
 
+def _prepare_output_folders(args) -> None:
+    """Create the folders of the files this run will write, and check they are writable, before
+    training rather than after it: a typo in --plot should not cost a finished run."""
+    outputs = [args.checkpoint, args.plot, args.metrics, args.show_file if args.show else None]
+    for folder in {Path(path).parent for path in outputs if path is not None}:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"cannot write to {folder}")
+
+
 def _load_data(args, log) -> mnist_data.Dataset:
     download = not args.no_download
     if args.dataset != "auto":
@@ -470,6 +480,9 @@ def _train(args, env: _Distributed) -> TrainResult:
     device = _resolve_device(args.device, env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+
+    if env.rank == 0:
+        _prepare_output_folders(args)
 
     # Rank 0 finds (and maybe downloads) the data first, so that ranks don't download over each other.
     if env.active and env.rank != 0:
@@ -574,7 +587,8 @@ def _report(args, dataset, model, test_split, history, start_epoch, log) -> None
 # ----------------------------------------------------------------------------------------------
 # Command line
 
-_USER_ERRORS = (mnist_data.DatasetNotFoundError, mnist_data.IdxError, CheckpointError)
+# Errors whose message tells the user what to do; anything else is a bug and keeps its traceback.
+_USER_ERRORS = (mnist_data.DatasetNotFoundError, mnist_data.IdxError, CheckpointError, OSError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -138,6 +138,13 @@ def test_lesson_dataloader_path_runs(run, capsys):
     assert "dataloader loader" in capsys.readouterr().out
 
 
+def test_unwritable_output_fails_before_training(run, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    assert run("--plot", str(tmp_path / "a-file" / "curves.png")) == 1
+    captured = capsys.readouterr()
+    assert "error:" in captured.err and "a-file" in captured.err and "epoch" not in captured.out
+
+
 def test_limit_trains_on_the_first_samples(run, capsys):
     assert run("--epochs", "1", "--limit", "100") == 0
     assert "mnist: 100 training / 80 test images" in capsys.readouterr().out
