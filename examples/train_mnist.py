@@ -24,7 +24,7 @@ torch.manual_seed(0)
 torch.set_num_threads(1)  # for a model this small, more threads cost more than they give
 
 # Both splits, normalized once like transforms.Normalize((0.5,), (0.5,)), as whole tensors.
-data = load_dataset(args.dataset, args.data_dir)
+data = load_dataset(args.dataset, args.data_dir, announce=print)  # announce: a line if it downloads
 trainloader = Batches(data.train, batch_size=64, seed=0)  # shuffled batches, cut by indexing
 
 # The lesson's model and loss. fuse() turns every Linear followed by a ReLU into one LinearReLU

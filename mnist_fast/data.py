@@ -21,10 +21,9 @@ import gzip
 import io
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Tuple, Union
+from typing import Callable, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -273,14 +272,14 @@ def _complete_files(folder: Path) -> Optional[dict]:
     return found if all(found.values()) else None
 
 
-def _download(name: str, data_dir: Path) -> None:
+def _download(name: str, data_dir: Path, announce: Callable[[str], None]) -> None:
     """Fetch the dataset into data_dir/<TorchvisionName>/raw with torchvision; raises on failure."""
     try:
         import torchvision.datasets
     except ImportError as e:
         raise RuntimeError("torchvision is not installed (pip install torchvision)") from e
     cls = getattr(torchvision.datasets, DATASETS[name].torchvision_name)
-    print(f"{name}: downloading into {data_dir} with torchvision.datasets.{cls.__name__} ...", file=sys.stderr)
+    announce(f"{name}: downloading into {data_dir} with torchvision.datasets.{cls.__name__} ...")
     chatter = io.StringIO()  # torchvision prints every mirror it tries; keep only the final error
     with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
         for train in (True, False):
@@ -292,9 +291,15 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
-def find_dataset(name: str, data_dir: Optional[PathLike] = None, download: bool = True) -> dict:
+def _quiet(line: str) -> None:
+    pass
+
+
+def find_dataset(name: str, data_dir: Optional[PathLike] = None, download: bool = True,
+                 announce: Callable[[str], None] = _quiet) -> dict:
     """Paths of the four IDX files of dataset `name` ({base name: path}), looked for in the order
-    of this module's docstring. Raises DatasetNotFoundError saying where it looked and what to do."""
+    of this module's docstring; announce(line) is called before a download starts.
+    Raises DatasetNotFoundError saying where it looked and what to do."""
     _check_name(name)
     info = DATASETS[name]
     data_dir = Path(os.path.expanduser(data_dir if data_dir is not None else info.default_dir))
@@ -307,7 +312,7 @@ def find_dataset(name: str, data_dir: Optional[PathLike] = None, download: bool 
     failure = "download not attempted (--no-download, or download=False)"
     if download:
         try:
-            _download(name, data_dir)
+            _download(name, data_dir, announce)
         except Exception as e:  # torchvision raises RuntimeError, URLError, OSError...; report it, don't dump it
             failure = f"download failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
         else:
@@ -331,9 +336,10 @@ def find_dataset(name: str, data_dir: Optional[PathLike] = None, download: bool 
 
 
 def load_dataset(name: str, data_dir: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu",
-                 download: bool = True) -> Dataset:
-    """Both splits of `name` ("mnist" or "fashion-mnist") as normalized tensors on `device`."""
-    files = find_dataset(name, data_dir, download)
+                 download: bool = True, announce: Callable[[str], None] = _quiet) -> Dataset:
+    """Both splits of `name` ("mnist" or "fashion-mnist") as normalized tensors on `device`;
+    the arguments as find_dataset's."""
+    files = find_dataset(name, data_dir, download, announce)
     splits = {}
     for split, (images_name, labels_name) in FILES.items():
         images_path, labels_path = files[images_name], files[labels_name]

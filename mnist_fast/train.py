@@ -411,8 +411,8 @@ def _prepare_output_folders(args) -> None:
 def _load_data(args, log) -> mnist_data.Dataset:
     download = not args.no_download
     if args.dataset != "auto":
-        return mnist_data.load_dataset(args.dataset, args.data_dir, download=download)
-    try:
+        return mnist_data.load_dataset(args.dataset, args.data_dir, download=download, announce=log)
+    try:  # quietly: when MNIST can't be had, the one line below says all there is to say
         return mnist_data.load_dataset("mnist", args.data_dir, download=download)
     except mnist_data.DatasetNotFoundError as mnist_missing:
         try:

@@ -158,7 +158,7 @@ def test_not_found_error_says_where_it_looked_and_what_to_do(tmp_path, monkeypat
 
 
 def test_failed_download_is_reported_in_one_line(tmp_path, monkeypatch):
-    def offline(name, data_dir):
+    def offline(name, data_dir, announce):
         raise OSError("<urlopen error [Errno -2] Name or service not known>")
 
     monkeypatch.setattr(data, "_download", offline)
@@ -169,7 +169,7 @@ def test_failed_download_is_reported_in_one_line(tmp_path, monkeypatch):
 def test_download_goes_to_the_torchvision_layout(tmp_path, monkeypatch):
     calls = []
 
-    def fake_download(name, data_dir):
+    def fake_download(name, data_dir, announce):
         calls.append((name, data_dir))
         write_dataset(data_dir / "MNIST" / "raw", gz=True)
 
