@@ -1,0 +1,397 @@
+"""MNIST and Fashion-MNIST as whole tensors, with shuffled batches cut by indexing.
+
+    data = load_dataset("fashion-mnist", device="cpu")       # both splits, normalized once
+    for images, labels in Batches(data.train, batch_size=64, seed=0):
+        ...                                                   # images: (64, 1, 28, 28) float32
+
+The IDX files are read straight into uint8 tensors and normalized once, like the lesson's
+transforms ((x / 255 - 0.5) / 0.5, so values lie in [-1, 1]). Each split stays one tensor on the
+chosen device and every batch is an index_select of it: no per-sample Python work, no PIL.
+
+Where the files are looked for, in this order (the first folder that holds all four files wins):
+  1. DATA_DIR itself (`train-images-idx3-ubyte[.gz]`, ... side by side),
+  2. torchvision's layout under it: DATA_DIR/MNIST/raw or DATA_DIR/FashionMNIST/raw,
+  3. for fashion-mnist only: /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist),
+  4. a download into DATA_DIR with torchvision's dataset classes (when download=True).
+DATA_DIR defaults to the lesson's folders: ~/.pytorch/MNIST_data for mnist and
+~/.pytorch/F_MNIST_data for fashion-mnist.
+"""
+import contextlib
+import gzip
+import io
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DATASETS",
+    "DatasetNotFoundError",
+    "IdxError",
+    "Split",
+    "Dataset",
+    "Batches",
+    "read_idx",
+    "write_idx",
+    "normalize",
+    "find_dataset",
+    "load_dataset",
+    "LessonBatches",
+]
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass(frozen=True)
+class _DatasetInfo:
+    default_dir: str
+    torchvision_name: str  # the torchvision.datasets class, and its folder under the root
+    system_dirs: Tuple[str, ...]
+    classes: Tuple[str, ...]
+
+
+DATASETS = {
+    "mnist": _DatasetInfo(
+        default_dir="~/.pytorch/MNIST_data",
+        torchvision_name="MNIST",
+        system_dirs=(),
+        classes=tuple(str(d) for d in range(10)),
+    ),
+    "fashion-mnist": _DatasetInfo(
+        default_dir="~/.pytorch/F_MNIST_data",
+        torchvision_name="FashionMNIST",
+        system_dirs=("/usr/share/datasets/fashion-mnist",),
+        classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    ),
+}
+
+# The four files of every MNIST-format dataset, by split.
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+IMAGE_SIZE = 28
+NUM_CLASSES = 10
+
+
+class IdxError(ValueError):
+    """An IDX file that is corrupt, truncated or not of the expected shape."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset's files are nowhere to be found and could not be downloaded."""
+
+
+# ----------------------------------------------------------------------------------------------
+# IDX files
+
+_IDX_UBYTE = 0x08  # the only element type MNIST-format files use
+
+
+def read_idx(path: PathLike) -> Tensor:
+    """Read an IDX file (raw or .gz) into a uint8 tensor of the shape its header gives.
+
+    Raises IdxError for a file that is not IDX, is truncated, or has bytes past its data.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
+    except (OSError, EOFError) as e:  # gzip raises these for a damaged or cut-off archive
+        raise IdxError(f"{path}: cannot read ({e}); the file is damaged, delete it and fetch it again") from e
+
+    if len(raw) < 4:
+        raise IdxError(f"{path}: only {len(raw)} bytes, too short for an IDX header")
+    zero, dtype_code, ndim = int.from_bytes(raw[:2], "big"), raw[2], raw[3]
+    if zero != 0 or dtype_code != _IDX_UBYTE or ndim == 0:
+        raise IdxError(
+            f"{path}: not an MNIST-format IDX file (magic number 0x{raw[:4].hex()}, "
+            f"expected 0x0000080N: unsigned bytes, N dimensions)"
+        )
+    header_size = 4 + 4 * ndim
+    if len(raw) < header_size:
+        raise IdxError(f"{path}: truncated header ({len(raw)} bytes, {ndim} dimensions need {header_size})")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = header_size + math.prod(shape)
+    if len(raw) != expected:
+        problem = "truncated" if len(raw) < expected else "has trailing bytes"
+        raise IdxError(
+            f"{path}: {problem}: the header says shape {shape}, i.e. {expected} bytes, the file has {len(raw)}; "
+            f"delete it and fetch it again"
+        )
+    if expected == header_size:  # frombuffer refuses an empty view
+        return torch.empty(shape, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header_size).reshape(shape)
+
+
+def write_idx(path: PathLike, tensor: Tensor) -> None:
+    """Write a uint8 tensor as an IDX file (gzip-compressed when path ends in .gz); read_idx reads it back."""
+    if tensor.dtype != torch.uint8 or tensor.dim() == 0:
+        raise ValueError(f"write_idx: expected a uint8 tensor with at least one dimension, got {tensor.dtype} "
+                         f"of shape {tuple(tensor.shape)}")
+    header = bytes((0, 0, _IDX_UBYTE, tensor.dim())) + b"".join(d.to_bytes(4, "big") for d in tensor.shape)
+    payload = header + tensor.contiguous().cpu().numpy().tobytes()
+    path = Path(path)
+    if path.suffix == ".gz":
+        payload = gzip.compress(payload, compresslevel=1)
+    path.write_bytes(payload)
+
+
+def normalize(images: Tensor) -> Tensor:
+    """uint8 pixels -> float32 in [-1, 1], as the lesson's ToTensor() + Normalize((0.5,), (0.5,))."""
+    return images.to(torch.float32).div_(255).sub_(0.5).div_(0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits, datasets, batches
+
+
+@dataclass
+class Split:
+    """One split as whole tensors: images (N, 1, 28, 28) float32 normalized, labels (N,) int64."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def to(self, device) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device))
+
+    def head(self, n: Optional[int]) -> "Split":
+        """The first n samples (all of them when n is None)."""
+        return self if n is None else Split(self.images[:n], self.labels[:n])
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    classes: Tuple[str, ...]
+    source: Path  # the folder the files were read from
+
+
+def _split_from_idx(images_u8: Tensor, labels_u8: Tensor, images_path: Path, labels_path: Path) -> Split:
+    if images_u8.dim() != 3 or images_u8.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise IdxError(f"{images_path}: expected images of shape (N, 28, 28), got {tuple(images_u8.shape)}")
+    if labels_u8.dim() != 1:
+        raise IdxError(f"{labels_path}: expected labels of shape (N,), got {tuple(labels_u8.shape)}")
+    if images_u8.shape[0] != labels_u8.shape[0]:
+        raise IdxError(f"{images_path} holds {images_u8.shape[0]} images but {labels_path} "
+                       f"holds {labels_u8.shape[0]} labels")
+    if labels_u8.numel() and int(labels_u8.max()) >= NUM_CLASSES:
+        raise IdxError(f"{labels_path}: label {int(labels_u8.max())} out of range 0..{NUM_CLASSES - 1}")
+    return Split(normalize(images_u8).unsqueeze(1), labels_u8.to(torch.int64))
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # A CPU generator gives the same order on every device and every rank; the multiplier keeps
+    # (seed, epoch + 1) and (seed + 1, epoch) apart.
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+class Batches:
+    """Shuffled (images, labels) batches of a Split, cut by indexing on the split's device.
+
+    The order of epoch e depends only on (seed, e), so a resumed run sees the same batches as an
+    uninterrupted one; call set_epoch(e) before iterating (as with DistributedSampler).
+    With world_size > 1, each rank takes every world_size-th sample of the shuffled order; the
+    order is padded by wrapping around so that every rank gets the same number of batches (DDP
+    needs all ranks to take the same number of steps).
+    """
+
+    def __init__(self, split: Split, batch_size: int, shuffle: bool = True, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank sees per epoch."""
+        return math.ceil(len(self.split) / self.world_size)
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def indices(self) -> Tensor:
+        """This rank's sample indices for the current epoch, on the CPU."""
+        n = len(self.split)
+        if self.shuffle:
+            order = torch.randperm(n, generator=_epoch_generator(self.seed, self.epoch))
+        else:
+            order = torch.arange(n)
+        if self.world_size > 1:
+            padding = self.num_samples * self.world_size - n
+            order = torch.cat([order, order[:padding]])[self.rank::self.world_size]
+        return order
+
+    def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:
+        order = self.indices().to(self.split.labels.device)
+        for start in range(0, order.shape[0], self.batch_size):
+            index = order[start:start + self.batch_size]
+            yield self.split.images.index_select(0, index), self.split.labels.index_select(0, index)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding, downloading and loading
+
+
+def _file_in(folder: Path, name: str) -> Optional[Path]:
+    for candidate in (folder / name, folder / (name + ".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _candidate_dirs(name: str, data_dir: Path) -> list:
+    info = DATASETS[name]
+    return [data_dir, data_dir / info.torchvision_name / "raw", *map(Path, info.system_dirs)]
+
+
+def _complete_files(folder: Path) -> Optional[dict]:
+    found = {base: _file_in(folder, base) for pair in FILES.values() for base in pair}
+    return found if all(found.values()) else None
+
+
+def _download(name: str, data_dir: Path, announce: Callable[[str], None]) -> None:
+    """Fetch the dataset into data_dir/<TorchvisionName>/raw with torchvision; raises on failure."""
+    try:
+        import torchvision.datasets
+    except ImportError as e:
+        raise RuntimeError("torchvision is not installed (pip install torchvision)") from e
+    cls = getattr(torchvision.datasets, DATASETS[name].torchvision_name)
+    announce(f"{name}: downloading into {data_dir} with torchvision.datasets.{cls.__name__} ...")
+    chatter = io.StringIO()  # torchvision prints every mirror it tries; keep only the final error
+    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        for train in (True, False):
+            cls(str(data_dir), train=train, download=True)
+
+
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+def find_dataset(name: str, data_dir: Optional[PathLike] = None, download: bool = True,
+                 announce: Callable[[str], None] = _quiet) -> dict:
+    """Paths of the four IDX files of dataset `name` ({base name: path}), looked for in the order
+    of this module's docstring; announce(line) is called before a download starts.
+    Raises DatasetNotFoundError saying where it looked and what to do."""
+    _check_name(name)
+    info = DATASETS[name]
+    data_dir = Path(os.path.expanduser(data_dir if data_dir is not None else info.default_dir))
+    folders = _candidate_dirs(name, data_dir)
+    for folder in folders:
+        files = _complete_files(folder)
+        if files:
+            return files
+
+    failure = "download not attempted (--no-download, or download=False)"
+    if download:
+        try:
+            _download(name, data_dir, announce)
+        except Exception as e:  # torchvision raises RuntimeError, URLError, OSError...; report it, don't dump it
+            failure = f"download failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
+        else:
+            files = _complete_files(data_dir / info.torchvision_name / "raw")
+            if files:
+                return files
+            failure = "download finished but the files are not where torchvision should have put them"
+
+    looked = "\n".join(f"  {folder}" for folder in folders)
+    names = ", ".join(base + "[.gz]" for pair in FILES.values() for base in pair)
+    hint = ""
+    if name == "fashion-mnist":
+        hint = "\nOn Debian/Ubuntu: apt-get install dataset-fashion-mnist"
+    elif name == "mnist":
+        hint = ("\nNo MNIST at hand? Try --dataset fashion-mnist "
+                "(on Debian/Ubuntu: apt-get install dataset-fashion-mnist)")
+    raise DatasetNotFoundError(
+        f"{name} not found; looked in:\n{looked}\n{failure}.\n"
+        f"Put the four IDX files ({names}) in one of those folders, or pass --data-dir FOLDER.{hint}"
+    )
+
+
+def load_dataset(name: str, data_dir: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu",
+                 download: bool = True, announce: Callable[[str], None] = _quiet) -> Dataset:
+    """Both splits of `name` ("mnist" or "fashion-mnist") as normalized tensors on `device`;
+    the arguments as find_dataset's."""
+    files = find_dataset(name, data_dir, download, announce)
+    splits = {}
+    for split, (images_name, labels_name) in FILES.items():
+        images_path, labels_path = files[images_name], files[labels_name]
+        splits[split] = _split_from_idx(read_idx(images_path), read_idx(labels_path),
+                                        images_path, labels_path).to(device)
+    source = files[FILES["train"][0]].parent
+    return Dataset(name, splits["train"], splits["test"], DATASETS[name].classes, source)
+
+
+# ----------------------------------------------------------------------------------------------
+# The lesson's pipeline, for comparison
+
+
+class _LessonDataset(torch.utils.data.Dataset):
+    """What torchvision.datasets.MNIST does per sample: uint8 image -> PIL image -> transforms."""
+
+    def __init__(self, images_u8: Tensor, labels: Tensor):
+        from torchvision import transforms
+
+        self.images_u8, self.labels = images_u8, labels
+        self.transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images_u8[index].numpy())), int(self.labels[index])
+
+
+class LessonBatches:
+    """The lesson's DataLoader + transforms pipeline over a Split, with Batches' interface
+    (single process, CPU tensors out). Slow: it is here to measure what the tensor path saves."""
+
+    def __init__(self, split: Split, batch_size: int, shuffle: bool = True, seed: int = 0):
+        # Undo the normalization so that both paths see exactly the same pixels.
+        images_u8 = ((split.images.squeeze(1).cpu() * 0.5 + 0.5) * 255).round_().to(torch.uint8)
+        self.dataset = _LessonDataset(images_u8, split.labels.cpu())
+        self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.batch_size)
+
+    def __iter__(self):
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, shuffle=self.shuffle,
+                                             generator=_epoch_generator(self.seed, self.epoch))
+        return iter(loader)

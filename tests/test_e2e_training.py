@@ -1,0 +1,99 @@
+"""End-to-end training runs on real Fashion-MNIST, in subprocesses as a user runs them:
+learning to >= 80% test accuracy, a kill -9 and --resume, and 2-rank DDP over gloo.
+
+Needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist); skipped without it.
+About a minute on 2 cores.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnist_fast import train
+
+pytestmark = pytest.mark.slow
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file():
+    pytest.skip(f"real Fashion-MNIST not found in {FASHION_DIR} (apt-get install dataset-fashion-mnist)",
+                allow_module_level=True)
+
+TRAIN = [sys.executable, "-m", "mnist_fast.train", "--dataset", "fashion-mnist", "--no-download"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def _run(args, cwd, timeout=120):
+    result = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def test_fashion_mnist_run_learns(tmp_path):
+    metrics = tmp_path / "metrics.json"
+    out = _run([*TRAIN, "--epochs", "2", "--metrics", metrics], tmp_path)
+    assert "fashion-mnist: 60000 training / 10000 test images" in out
+    accuracy = json.loads(metrics.read_text())["history"][-1]["test_accuracy"]
+    assert accuracy >= 0.80, out
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    options = [*TRAIN, "--epochs", "4", "--limit", "30000"]
+    straight, resumed = tmp_path / "straight.pt", tmp_path / "resumed.pt"
+    _run([*options, "--checkpoint", straight], tmp_path)
+
+    # Kill -9 as soon as the first checkpoint is on disk: somewhere in epoch 2.
+    victim = subprocess.Popen([*options, "--checkpoint", resumed], cwd=tmp_path, env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not resumed.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait(timeout=30) == -signal.SIGKILL
+    epochs_done = train.load_checkpoint(resumed)["epochs_done"]
+    assert 1 <= epochs_done < 4
+
+    out = _run([*options, "--checkpoint", resumed, "--resume"], tmp_path)
+    assert f"resumed from {resumed} after epoch {epochs_done}" in out
+    a, b = train.load_checkpoint(straight)["model"], train.load_checkpoint(resumed)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+DDP_SCRIPT = """
+import os, sys, torch
+from mnist_fast import train
+result = train.train(train.parse_args(sys.argv[1:]))
+torch.save(result.model.state_dict(), f"rank{os.environ['RANK']}.pt")
+"""
+
+
+def test_two_rank_ddp_ends_with_identical_parameters(tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
+                "--dataset", "fashion-mnist", "--no-download", "--epochs", "2", "--limit", "3000",
+                "--checkpoint", "ddp.pt"], tmp_path, timeout=180)
+    assert "2 processes" in out and out.count("done: fashion-mnist") == 1  # rank 0 alone prints
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert rank0.keys() == rank1.keys()
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    checkpoint = train.load_checkpoint(tmp_path / "ddp.pt")
+    assert checkpoint["options"]["world_size"] == 2
+    assert all(torch.equal(checkpoint["model"][k], rank0[k]) for k in rank0)
+    torch.manual_seed(0)
+    initial, _ = train.build_model("fused")
+    assert not torch.equal(initial.state_dict()["output.weight"], rank0["output.weight"])  # it trained
