@@ -34,8 +34,9 @@ ctest: setup
 
 test: pytest ctest
 
+# --dataset auto: MNIST where it can be found or downloaded, else (saying so) Fashion-MNIST.
 train: build
-	$(PY) -m mnist_fast.train $(ARGS)
+	$(PY) -m mnist_fast.train --dataset auto $(ARGS)
 
 # ASan + UBSan build of the extension (in build-sanitize/) and the kernel tests under it.
 sanitize: setup
