@@ -24,7 +24,8 @@ $(VENV)/.installed: requirements.txt
 
 # In-place, incremental build of mnist_fast/_C*.so; the repository root is the import path.
 build: setup
-	$(PY) setup.py --quiet build_ext --inplace
+	@mkdir -p build && echo "building mnist_fast._C (log: build/build.log)"
+	@$(PY) setup.py build_ext --inplace > build/build.log 2>&1 || { tail -n 60 build/build.log; exit 1; }
 
 pytest: build
 	$(PY) -m pytest tests
