@@ -27,6 +27,8 @@ def test_report_quick_writes_json_and_png(tmp_path, capsys):
         assert row["impls"]["ours"]["median_s"] > 0 and row["impls"]["stock"]["median_s"] > 0
         assert row["speedup"] > 0
     assert result["memory"][0]["saved_ours"]["activations"] > 0
+    assert result["floors"]["engine_floor_s"] > 0
+    assert any(t["target"].startswith("MNISTNet train step batch 64") for t in result["targets"])
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -40,8 +42,8 @@ def test_interleaved_timing_alternates_and_counts():
     samples = bench.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
                                      repeats=3, block_s=0.0, warmup=1)
     assert [len(v) for v in samples.values()] == [3, 3]
-    # warm-up and calibration (a b, a b), then one call per block in the orders a b, b a, a b
-    assert calls == ["a", "b", "a", "b", "a", "b", "b", "a", "a", "b"]
+    # warm-up (a, b), then one call per block in the orders a b, b a, a b
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
 
 
 def _import(path: pathlib.Path):
