@@ -56,6 +56,8 @@ def pytest_generate_tests(metafunc):
     elif "impl" in metafunc.fixturenames:
         impls = list(getattr(metafunc.function, "impls", ("ours", "stock")))
         metafunc.parametrize("impl", impls)
+    elif "batch" in metafunc.fixturenames and "batch" not in explicit:
+        metafunc.parametrize("batch", sizes, ids=[f"b{b}" for b in sizes])
     if "dtype" in metafunc.fixturenames and "dtype" not in explicit:
         dtypes = [d for d in cfg.getoption("--bench-dtypes").split(",") if d]
         metafunc.parametrize("dtype", dtypes)

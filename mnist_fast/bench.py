@@ -616,7 +616,7 @@ def targets(result: dict) -> List[dict]:
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"mnist_fast vs stock PyTorch {m['torch_version']} on {m['cpu_model']} "
-             f"({m['torch_threads']} threads, {m['cpu_count']} CPUs), medians of "
+             f"({m['torch_threads']} thread(s), {m['cpu_count']} CPUs), medians of "
              f"{result['config']['repeats']} interleaved repeats, {result['config']['clock']} clock; "
              f"speedup = stock / ours. Command: `{result['command']}`", ""]
     f = result.get("floors")
@@ -676,11 +676,17 @@ def plot(result: dict, path: str) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
                 linestyle="-" if "float32" in label else "--", label=label)
     ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.axhspan(0, 1.0, color="red", alpha=0.06, label="below 1: fused slower")
     ax.set_xscale("log", base=2)
+    sizes = sorted({b for pts in series.values() for b, _ in pts})
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(b) for b in sizes])
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("batch size")
     ax.set_ylabel("speedup (stock time / fused time)")
     m = result["machine"]
-    ax.set_title(f"mnist_fast vs stock, torch {m['torch_version']}, {m['torch_threads']} threads", fontsize=10)
+    ax.set_title(f"mnist_fast vs stock PyTorch {m['torch_version']}, {m['cpu_model']}, "
+                 f"{m['torch_threads']} thread(s), {result['config']['clock']} clock", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
