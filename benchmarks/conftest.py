@@ -63,13 +63,6 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("dtype", dtypes)
 
 
-def warm(run, times=3):
-    """Runs a case a few times before timing: compiles compiled cases, fills allocator caches."""
-    for _ in range(times):
-        run()
-    return run
-
-
 @pytest.fixture
 def epoch_samples(request):
     return request.config.getoption("--bench-epoch-samples")

@@ -4,8 +4,7 @@ The group of a benchmark is one case; its members are the implementations."""
 import pytest
 
 from mnist_fast import bench
-
-from conftest import warm
+from mnist_fast.bench import warm
 
 
 @pytest.mark.parametrize("features", bench.LAYER_SHAPES, ids=lambda s: f"{s[0]}to{s[1]}")

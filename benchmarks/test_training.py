@@ -5,8 +5,7 @@ activation memory a train step saves for backward, reported in extra_info."""
 import pytest
 
 from mnist_fast import bench
-
-from conftest import warm
+from mnist_fast.bench import warm
 
 
 def test_train_step(benchmark, impl, batch, dtype):
@@ -14,6 +13,14 @@ def test_train_step(benchmark, impl, batch, dtype):
     benchmark.group = f"train step batch {batch} {dtype}"
     if not impl.endswith("compiled"):
         benchmark.extra_info["saved_activation_bytes"] = bench.saved_activation_bytes(impl, batch, dtype)["activations"]
+    benchmark(run)
+
+
+def test_train_step_gemms(benchmark, batch, dtype):
+    """The step's eight GEMMs alone, in the train-step group: the floor no per-op fusion removes."""
+    run = warm(bench.make_step_gemms(batch, dtype))
+    benchmark.group = f"train step batch {batch} {dtype}"
+    benchmark.extra_info["impl"] = "the step's GEMMs alone"
     benchmark(run)
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "saved_activation_bytes",
     "peak_step_bytes",
     "time_interleaved",
+    "warm",
     "machine_info",
     "main",
 ]
@@ -78,6 +79,14 @@ def _split_impl(impl: str):
 # Case builders. Each returns a zero-argument callable that runs one iteration; the setup
 # (tensors, modules, compilation on first call) happens outside the timed callable.
 # ----------------------------------------------------------------------------------------------
+
+
+def warm(run: Callable[[], None], times: int = 3) -> Callable[[], None]:
+    """Runs a case a few times before it is timed (compiles a compiled case, fills allocator
+    caches) and returns it."""
+    for _ in range(times):
+        run()
+    return run
 
 
 def make_linear_relu(impl: str, batch: int, in_features: int, out_features: int, dtype="float32",
@@ -448,8 +457,11 @@ class Report:
                                    warmup=warmup, clock=self.args.clock)
         stats = {name: _summary(s) for name, s in samples.items()}
         ours, stock = stats["ours"]["median_s"], stats["stock"]["median_s"]
+        # Per-round ratios pair blocks that ran next to each other: their spread shows the noise.
+        ratios = sorted(b / a for a, b in zip(samples["ours"], samples["stock"]))
+        lo, hi = ratios[int(0.1 * (len(ratios) - 1))], ratios[int(math.ceil(0.9 * (len(ratios) - 1)))]
         row = {"bench": bench, "shape": shape, "dtype": dtype, "batch": batch, "impls": stats,
-               "speedup": stock / ours, "target": target, **(extra or {})}
+               "speedup": stock / ours, "speedup_p10": lo, "speedup_p90": hi, "target": target, **(extra or {})}
         self.rows.append(row)
         if not self.args.silent:
             print(f"  {bench:28s} {shape:22s} {dtype:9s} ours {_fmt_time(ours):>10s}  stock {_fmt_time(stock):>10s}"
@@ -467,6 +479,16 @@ def _fmt_time(s: float) -> str:
 
 def _fmt_bytes(n: int) -> str:
     return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MiB"
+
+
+def _paren_spread(row: dict) -> str:
+    return f" (p10–p90 {_spread(row)})" if "speedup_p10" in row else ""
+
+
+def _spread(row: dict) -> str:
+    if "speedup_p10" not in row:
+        return ""
+    return f"{row['speedup_p10']:.2f}–{row['speedup_p90']:.2f}"
 
 
 def _verdict(row: dict) -> str:
@@ -612,7 +634,7 @@ def targets(result: dict) -> List[dict]:
     for r in rows:
         if "target_min" in r and r["bench"] == "cross_entropy fwd+bwd":
             out.append({"target": f"cross-entropy fwd+bwd {r['shape']} >= {r['target_min']:g}x stock",
-                        "value": f"{r['speedup']:.2f}x", "met": r["speedup"] >= r["target_min"]})
+                        "value": f"{r['speedup']:.2f}x{_paren_spread(r)}", "met": r["speedup"] >= r["target_min"]})
     for r in rows:
         if "gemm_ratio_limit" in r:
             out.append({"target": f"Linear+ReLU fwd+bwd {r['shape']} <= {r['gemm_ratio_limit']:g}x its three GEMMs",
@@ -623,11 +645,12 @@ def targets(result: dict) -> List[dict]:
         if r["batch"] in TRAIN_STEP_TARGET:
             need = TRAIN_STEP_TARGET[r["batch"]]
             out.append({"target": f"MNISTNet train step batch {r['batch']} >= {need:g}x stock eager",
-                        "value": f"{r['speedup']:.2f}x", "met": r["speedup"] >= need})
+                        "value": f"{r['speedup']:.2f}x{_paren_spread(r)}", "met": r["speedup"] >= need})
     if steps:
         worst = min(steps, key=lambda r: r["speedup"])
         out.append({"target": "MNISTNet train step not slower than stock at any batch size",
-                    "value": f"lowest {worst['speedup']:.2f}x at batch {worst['batch']}", "met": worst["speedup"] >= 1.0})
+                    "value": f"lowest {worst['speedup']:.2f}x{_paren_spread(worst)} at batch {worst['batch']}",
+                    "met": worst["speedup"] >= 1.0})
     mem = result.get("memory") or []
     if mem:
         ratios = [r["saved_ours"]["activations"] / r["saved_stock"]["activations"] for r in mem]
@@ -641,15 +664,21 @@ def markdown(result: dict) -> str:
     lines = [f"mnist_fast vs stock PyTorch {m['torch_version']} on {m['cpu_model']} "
              f"({m['torch_threads']} thread(s), {m['cpu_count']} CPUs), medians of "
              f"{result['config']['repeats']} interleaved repeats, {result['config']['clock']} clock; "
-             f"speedup = stock / ours. Command: `{result['command']}`", ""]
+             f"speedup = stock / ours of the medians; p10–p90: spread of the per-round ratios (each round "
+             f"times ours and stock back to back). Command: `{result['command']}`", ""]
     f = result.get("floors")
     if f:
         lines += [f"Floors in this run: `leaf.sum().backward()` of a [64, 10] leaf (the autograd engine) "
                   f"{_fmt_time(f['engine_floor_s'])}; the three GEMMs of a 64x784->128 Linear forward+backward "
                   f"{_fmt_time(f['gemms_64x784x128_s'])} ({f['gemm_gflops_64x784x128']:.0f} GFLOP/s).", ""]
-    lines += [
-             "| benchmark | shape | dtype | ours | stock | speedup | notes |",
-             "|---|---|---|---:|---:|---:|---|"]
+    summary = targets(result)
+    if summary:
+        lines += ["Targets (float32):", "", "| target | measured | |", "|---|---|---|"]
+        lines += [f"| {t['target']} | {t['value']} | {'met' if t['met'] else '**missed**'} |" for t in summary]
+        lines += [""]
+    lines += ["All comparisons:", "",
+             "| benchmark | shape | dtype | ours | stock | speedup | p10–p90 | notes |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
     for row in result["rows"]:
         notes = _verdict(row)
         if "stock_eager" in row["impls"]:
@@ -663,11 +692,7 @@ def markdown(result: dict) -> str:
                                                    f"stock/GEMMs {row['stock_over_gemms']:.2f}"]))
         lines.append(f"| {row['bench']} | {row['shape']} | {row['dtype']} | "
                      f"{_fmt_time(row['impls']['ours']['median_s'])} | {_fmt_time(row['impls']['stock']['median_s'])} | "
-                     f"{row['speedup']:.2f}× | {notes} |")
-    summary = targets(result)
-    if summary:
-        lines += ["", "Targets (float32):", "", "| target | measured | |", "|---|---|---|"]
-        lines += [f"| {t['target']} | {t['value']} | {'met' if t['met'] else '**missed**'} |" for t in summary]
+                     f"{row['speedup']:.2f}× | {_spread(row)} | {notes} |")
     if result.get("memory"):
         lines += ["", "Memory of one float32 train step: bytes saved for backward (saved-tensor hooks, each "
                   "storage once, parameters left out) and peak bytes allocated during forward+backward, grads included (torch.profiler).",
@@ -744,6 +769,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                         "machine (use with --threads 1)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to compile)")
     p.add_argument("--silent", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--render", metavar="JSON", default=None,
+                   help="measure nothing: print the table of a saved --out-json run (and plot it with --out-png)")
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {
@@ -773,6 +800,13 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            result = json.load(f)
+        print(markdown(result))
+        if args.out_png:
+            plot(result, args.out_png)
+        return result
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
