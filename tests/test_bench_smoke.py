@@ -1,0 +1,67 @@
+"""Smoke test of the benchmark report and suite (the benchmarks themselves never run in tests/)."""
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+from mnist_fast import bench
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_report_quick_writes_json_and_png(tmp_path, capsys):
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    bench.main(["--quick", "--batch-sizes", "64", "--repeats", "2", "--block-ms", "0.5", "--epoch-samples", "128",
+                "--pipeline-samples", "0", "--threads", "1", "--silent",
+                "--out-json", str(out_json), "--out-png", str(out_png)])
+    table = capsys.readouterr().out
+    assert "| benchmark | shape | dtype | ours | stock | speedup | p10–p90 | notes |" in table
+    assert "train step (eager) | batch 64" in table
+    assert "cross_entropy fwd+bwd | [64, 10]" in table
+    result = json.loads(out_json.read_text())
+    assert {"cpu_model", "torch_threads", "torch_version"} <= set(result["machine"])
+    assert result["machine"]["torch_threads"] == 1
+    for row in result["rows"]:
+        assert row["impls"]["ours"]["median_s"] > 0 and row["impls"]["stock"]["median_s"] > 0
+        assert row["speedup"] > 0 and row["speedup_p10"] <= row["speedup_p90"]
+    assert result["memory"][0]["saved_ours"]["activations"] > 0
+    assert result["floors"]["engine_floor_s"] > 0
+    assert any(t["target"].startswith("MNISTNet train step batch 64") for t in result["targets"])
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a saved run renders again without measuring
+    bench.main(["--render", str(out_json)])
+    assert capsys.readouterr().out.strip() == table.strip()
+
+
+def test_report_rejects_unknown_dtype():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--dtypes", "float8"])
+
+
+def test_interleaved_timing_alternates_and_counts():
+    calls = []
+    samples = bench.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                     repeats=3, block_s=0.0, warmup=1)
+    assert [len(v) for v in samples.values()] == [3, 3]
+    # warm-up (a, b), then one call per block in the orders a b, b a, a b
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+
+
+def _import(path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(f"_bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_suite_imports_and_one_tiny_case_runs():
+    files = sorted((ROOT / "benchmarks").glob("*.py"))
+    assert {"conftest.py", "test_ops.py", "test_training.py"} <= {f.name for f in files}
+    modules = [_import(f) for f in files]
+    assert any(hasattr(m, "test_train_step") for m in modules)
+    assert any(hasattr(m, "pytest_generate_tests") for m in modules)
+    # one tiny case of each kind, run once
+    bench.make_cross_entropy("ours", 4, 10)()
+    bench.make_linear_relu("stock", 4, 128, 64, "bfloat16")()
+    bench.make_train_step("ours", 4)()
