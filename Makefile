@@ -2,7 +2,7 @@
 #   make train   set up .venv, build the extension, train MNIST (ARGS="..." passes options)
 #   make test    set up .venv, build the extension (CUDA sources too where nvcc is found), run
 #                pytest and the C++ tests (ctest)
-# Other targets: build, ctest, bench, sanitize, clean.
+# Other targets: build, ctest, bench, bench-report, sanitize, clean.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +12,7 @@ ARGS ?=
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export MAX_JOBS ?= $(JOBS)
 
-.PHONY: setup build test pytest ctest train bench sanitize clean
+.PHONY: setup build test pytest ctest train bench bench-report sanitize clean
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,10 @@ sanitize: setup
 
 bench: build
 	$(PY) -m pytest benchmarks --benchmark-only
+
+# The fused-vs-stock report: markdown table, JSON and PNG (interleaved runs, medians).
+bench-report: build
+	$(PY) -m mnist_fast.bench --threads 1 --clock thread --out-json bench.json --out-png bench.png $(ARGS)
 
 clean:
 	rm -rf build build-cmake build-sanitize mnist_fast/_C*.so *.egg-info
