@@ -86,6 +86,7 @@ def test_linear_relu_matches_stock(dtype, shape, out_features, bias):
 
 
 @requires_cuda
+@torch.no_grad()
 def test_linear_relu_cuda_matches_cpu_kernel_float64():
     # The same row_math arithmetic on both backends: agreement to rounding.
     x = torch.randn(200, 30, dtype=torch.float64)
@@ -104,6 +105,7 @@ def test_linear_relu_cuda_matches_cpu_kernel_float64():
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@torch.no_grad()
 def test_linear_relu_bias_grad_deterministic_many_rows(dtype):
     # Enough rows for multi-chunk partials and, at 64 * 65535 + 5, for longer chunks than 64 rows.
     rows = 64 * 65535 + 5
@@ -146,6 +148,23 @@ def test_linear_relu_empty_batch(dtype):
     assert x.grad.shape == (0, 8)
     assert torch.equal(w.grad, torch.zeros_like(w))
     assert torch.equal(b.grad, torch.zeros_like(b))
+
+
+@requires_cuda
+@pytest.mark.parametrize("in_features,out_features", [(0, 3), (4, 0)])
+def test_linear_relu_zero_features(in_features, out_features):
+    # Stock accepts both: a bias-only output, and an empty one.
+    x = torch.randn(5, in_features, device=CUDA, requires_grad=True)
+    w = torch.randn(out_features, in_features, device=CUDA, requires_grad=True)
+    b = torch.randn(out_features, device=CUDA, requires_grad=True)
+    fused = MF.linear_relu(x, w, b)
+    x2, w2, b2 = (_leaf(t) for t in (x, w, b))
+    stock = torch.relu(F.linear(x2, w2, b2))
+    torch.testing.assert_close(fused, stock)
+    fused.sum().backward()
+    stock.sum().backward()
+    for got, want in zip((x.grad, w.grad, b.grad), (x2.grad, w2.grad, b2.grad)):
+        torch.testing.assert_close(got, want)
 
 
 @requires_cuda
@@ -234,6 +253,7 @@ def test_cross_entropy_uint8_targets_and_nd_input():
 
 
 @requires_cuda
+@torch.no_grad()
 def test_cross_entropy_cuda_matches_cpu_kernel_float64():
     x = torch.randn(500, 10, dtype=torch.float64)
     t = torch.randint(0, 10, (500,))
@@ -326,9 +346,10 @@ _BAD_INDEX = textwrap.dedent("""
     t[{rows} // 2] = {bad}
     try:
         if {backward}:
-            lse = torch.logsumexp(x.detach(), 1)
-            torch.ops.mnist_fast.cross_entropy_backward(
-                torch.ones((), device="cuda"), x.detach(), t, None, lse, 1, -100, 0.0, [True, False])
+            with torch.no_grad():
+                lse = torch.logsumexp(x, 1)
+                torch.ops.mnist_fast.cross_entropy_backward(
+                    torch.ones((), device="cuda"), x, t, None, lse, 1, -100, 0.0, [True, False])
         else:
             MF.cross_entropy(x, t)
         torch.cuda.synchronize()

@@ -12,6 +12,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -70,10 +71,16 @@ void bias_relu_inplace(at::Tensor& out, const std::optional<at::Tensor>& bias) {
   });
 }
 
+// (*, features) as (rows, features). reshape({-1, features}) cannot infer rows when features == 0.
+at::Tensor as_rows(const at::Tensor& t) {
+  const auto sizes = t.sizes();
+  return t.reshape({c10::multiply_integers(sizes.begin(), sizes.end() - 1), sizes.back()});
+}
+
 at::Tensor linear_relu_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_linear_relu_args(input, weight, bias);
   const c10::cuda::CUDAGuard guard(input.device());
-  auto out = at::mm(input.reshape({-1, input.size(-1)}), weight.t());
+  auto out = at::mm(as_rows(input), weight.t());
   bias_relu_inplace(out, bias);
   auto shape = input.sizes().vec();
   shape.back() = weight.size(0);
@@ -180,12 +187,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(const a
   if (!output_mask[0] && !output_mask[1] && !output_mask[2]) return {grad_input, grad_weight, grad_bias};
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t out_features = weight.size(0);
-  const auto output2d = output.reshape({-1, out_features}).contiguous();
+  const auto output2d = as_rows(output).contiguous();
   auto grad_pre = at::empty_like(output2d);
   if (output_mask[2]) grad_bias = at::empty({out_features}, output.options());
-  mask_grad(grad_output.reshape({-1, out_features}), output2d, grad_pre, grad_bias);
+  mask_grad(as_rows(grad_output), output2d, grad_pre, grad_bias);
   if (output_mask[0]) grad_input = at::mm(grad_pre, weight).view(input.sizes());
-  if (output_mask[1]) grad_weight = at::mm(grad_pre.t(), input.reshape({-1, input.size(-1)}));
+  if (output_mask[1]) grad_weight = at::mm(grad_pre.t(), as_rows(input));
   return {grad_input, grad_weight, grad_bias};
 }
 
