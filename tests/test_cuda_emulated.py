@@ -100,15 +100,21 @@ def emulated_source(cu_text):
     return "".join(out)
 
 
+def _write_if_changed(path, text):
+    # An unchanged file keeps its mtime, so ninja does not recompile it.
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
 def _build(name):
     from torch.utils.cpp_extension import load
 
     directory = BUILD / name
     directory.mkdir(parents=True, exist_ok=True)
     source = directory / f"{name}.inc"
-    source.write_text(emulated_source((ROOT / "csrc" / "cuda" / f"{name}.cu").read_text()))
+    _write_if_changed(source, emulated_source((ROOT / "csrc" / "cuda" / f"{name}.cu").read_text()))
     wrapper = directory / f"{name}_emu.cpp"
-    wrapper.write_text(WRAPPER.format(header=EMU_HEADER, checks=ROOT / "csrc" / "checks.h", source=source))
+    _write_if_changed(wrapper, WRAPPER.format(header=EMU_HEADER, checks=ROOT / "csrc" / "checks.h", source=source))
     return load(name=f"mnist_fast_emu_{name}", sources=[str(wrapper)], build_directory=str(directory),
                 extra_cflags=["-O1", "-std=c++20"], verbose=False)
 
