@@ -2,6 +2,7 @@
 
     python3 scripts/gpu_bench.py bench [--batches 64,1024,8192] [--device cuda]
     python3 scripts/gpu_bench.py workload [--device cuda]
+    python3 scripts/gpu_bench.py parity [--device cuda]
 
 bench: forward+backward of each op, fused (mnist_fast) and stock (torch.nn.functional), and of a
 whole MNISTNet training step, at each batch size. On CUDA each sample times a run of calls between
@@ -12,6 +13,9 @@ time.perf_counter and few samples: that checks the harness, not the speed.
 workload: a few fused training steps of MNISTNet plus one call of every kernel variant (small and
 large class counts, weights, label smoothing, ignore_index, probability targets, empty batch), for
 compute-sanitizer to watch. Exits 0 when everything ran.
+
+parity: a short comparison with stock (outputs and gradients, four dtypes), for a GPU machine
+without pytest; tests/test_cuda.py is the full check.
 
 Run from the repository root (the in-place build of mnist_fast is imported from there).
 """
@@ -181,6 +185,72 @@ def workload(args):
     return 0
 
 
+# ---- parity without pytest ----
+
+def _cast(kwargs, like):
+    return {k: v.to(like.dtype) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+def parity(args):
+    """A short parity check against stock, for machines without pytest (tests/test_cuda.py is the
+    full one). Returns the number of mismatches."""
+    device = torch.device(args.device)
+    tol = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12),
+           torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float16: dict(rtol=2e-3, atol=2e-3)}
+    failures = 0
+
+    def compare(what, fused_fn, stock_fn, inputs, dtype, mask_by_output=False):
+        nonlocal failures
+        # Stock runs in float32 for bf16/fp16 inputs: in half precision it can overflow where the fused
+        # ops, which accumulate in float32, do not.
+        ref = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+        def leaves(dt):
+            return [t.detach().to(dt if t.is_floating_point() else t.dtype).requires_grad_(t.is_floating_point())
+                    if t is not None else None for t in inputs]
+
+        f_in, s_in = leaves(dtype), leaves(ref)
+        f_out = fused_fn(*f_in)
+        s_out = stock_fn(*s_in)
+        if mask_by_output:  # the ReLU mask of the fused output (see tests/test_cuda.py)
+            s_out = s_out * (f_out.detach() > 0)
+        grad = torch.randn_like(f_out)
+        wanted = [i for i, t in enumerate(f_in) if t is not None and t.requires_grad]
+        f_grads = torch.autograd.grad(f_out, [f_in[i] for i in wanted], grad)
+        s_grads = torch.autograd.grad(s_out, [s_in[i] for i in wanted], grad.to(ref))
+        try:
+            torch.testing.assert_close(f_out, s_out.to(dtype), **tol[dtype], equal_nan=True)
+            for a, b in zip(f_grads, s_grads):
+                torch.testing.assert_close(a, b.to(dtype), **tol[dtype], equal_nan=True)
+        except AssertionError as e:
+            failures += 1
+            print(f"MISMATCH {what}: {str(e).splitlines()[0]}")
+
+    for dtype in tol:
+        for rows, k, n in ((64, 784, 128), (300, 40, 100), (0, 8, 5)):
+            x = torch.randn(rows, k, device=device, dtype=dtype)
+            w = torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5
+            b = torch.randn(n, device=device, dtype=dtype)
+            compare(f"linear_relu {dtype} {rows}x{k}->{n}", MF.linear_relu, lambda *a: torch.relu(F.linear(*a)),
+                    [x, w, b], dtype, mask_by_output=True)
+        for rows, classes in ((64, 10), (2000, 10), (7, 3000), (0, 10)):
+            x = torch.randn(rows, classes, device=device, dtype=dtype) * 3
+            t = torch.randint(0, classes, (rows,), device=device)
+            t[::5] = -100
+            w = torch.rand(classes, device=device, dtype=dtype) + 0.5
+            p = torch.softmax(torch.randn(rows, classes, device=device), 1).to(dtype)
+            for reduction in ("none", "mean", "sum"):
+                for kw in (dict(), dict(weight=w, label_smoothing=0.1)):
+                    compare(f"cross_entropy {dtype} {rows}x{classes} {reduction} {sorted(kw)}",
+                            lambda x, t: MF.cross_entropy(x, t, reduction=reduction, **kw),
+                            lambda x, t: F.cross_entropy(x, t, reduction=reduction, **_cast(kw, x)), [x, t], dtype)
+                    compare(f"cross_entropy probabilities {dtype} {rows}x{classes} {reduction} {sorted(kw)}",
+                            lambda x, p: MF.cross_entropy(x, p, reduction=reduction, **kw),
+                            lambda x, p: F.cross_entropy(x, p, reduction=reduction, **_cast(kw, x)), [x, p], dtype)
+    print(f"parity on {device}: {failures} mismatch(es)")
+    return 1 if failures else 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,10 +261,12 @@ def main(argv=None):
     b.add_argument("--calls", type=int, default=20, help="calls per sample")
     w = sub.add_parser("workload", help="a short fused workload for compute-sanitizer")
     w.add_argument("--device", default="cuda")
+    p = sub.add_parser("parity", help="a short parity check against stock, without pytest")
+    p.add_argument("--device", default="cuda")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
-    return bench(args) if args.command == "bench" else workload(args)
+    return {"bench": bench, "workload": workload, "parity": parity}[args.command](args)
 
 
 if __name__ == "__main__":
