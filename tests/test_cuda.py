@@ -420,5 +420,5 @@ def test_gpu_check_dry_run():
     assert "TORCH_CUDA_ARCH_LIST=" in out
     assert "fused vs stock on CPU" in out
     summary = proc.stdout[proc.stdout.index("== summary"):]
-    for step in ("build config", "bench harness (cpu)", "sanitizer workload (cpu)"):
+    for step in ("build config", "bench harness (cpu)", "sanitizer workload (cpu)", "parity harness (cpu)"):
         assert step in summary and "FAILED" not in summary, summary
