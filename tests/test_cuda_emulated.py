@@ -45,8 +45,8 @@ WRAPPER = """\
 #include <c10/util/accumulate.h>
 #include <algorithm>
 #include <limits>
+#include <cmath>
 #include "{header}"
-#include <ATen/cuda/NumericLimits.cuh>
 #include "{checks}"
 #include "{source}"
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {{
