@@ -33,8 +33,8 @@ namespace {
 using namespace row_math;
 
 constexpr int kWarpSize = 32;
-// Threads per block at most: 512 leaves the compiler up to 128 registers a thread (no spills),
-// and still fits MNIST's batch of 64 rows x 8 lanes in one block.
+// Threads per block at most: 512 lets the compiler use up to 128 registers a thread, and still
+// fits MNIST's batch of 64 rows x 8 lanes in one block.
 constexpr int kMaxThreads = 512;
 constexpr int kFinishThreads = 256;
 // A warp group per row up to this many classes, a block per row above.
