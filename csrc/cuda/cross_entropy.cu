@@ -1,0 +1,577 @@
+// Fused log-softmax + NLL (cross-entropy) on CUDA.
+//
+// Every kernel here is one generic row kernel (rows_kernel) applied to a row operation: forward
+// with class-index or probability targets, backward of either, and the summed target weight that
+// reduction 'mean' divides by. The formulas are those of row_math.h, shared with the CPU kernels;
+// what is CUDA-only is the decomposition:
+//   - small C (up to kMaxWarpClasses): a row per group of 1 to 32 lanes of a warp, reduced with
+//     shuffles, so that C = 10 packs 4 rows into a warp instead of idling 22 of 32 lanes;
+//   - large C: a row per block, reduced through shared memory.
+// A reduced loss is summed deterministically: each block adds its rows in a fixed tree, and a
+// one-block kernel adds the per-block partials in a fixed tree. A grid of one block (MNIST's
+// batch 64) finishes the loss itself: one launch in all.
+//
+// An out-of-range class index is a device-side assert, as in stock nll_loss, and is never read.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/sum.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "../checks.h"
+
+namespace mnist_fast {
+namespace {
+
+using namespace row_math;
+
+constexpr int kWarpSize = 32;
+// Threads per block at most: 512 lets the compiler use up to 128 registers a thread, and still
+// fits MNIST's batch of 64 rows x 8 lanes in one block.
+constexpr int kMaxThreads = 512;
+constexpr int kFinishThreads = 256;
+// A warp group per row up to this many classes, a block per row above.
+constexpr int64_t kMaxWarpClasses = 1024;
+
+// From the <cmath> macros rather than std::numeric_limits, whose constexpr functions need
+// --expt-relaxed-constexpr in device code.
+template <typename T>
+__device__ __forceinline__ T minus_infinity() { return -T(INFINITY); }
+
+__device__ __forceinline__ float device_exp(float v) { return ::expf(v); }
+__device__ __forceinline__ double device_exp(double v) { return ::exp(v); }
+__device__ __forceinline__ float device_log(float v) { return ::logf(v); }
+__device__ __forceinline__ double device_log(double v) { return ::log(v); }
+
+struct SumOp {
+  template <typename T>
+  __device__ T operator()(T a, T b) const { return a + b; }
+};
+
+struct MaxOp {
+  template <typename T>
+  __device__ T operator()(T a, T b) const { return nan_max(a, b); }
+};
+
+// Butterfly reduction over `width` lanes (a power of two); every lane gets the same result.
+template <typename T, typename F>
+__device__ __forceinline__ T warp_reduce(T v, F f, int width, unsigned mask) {
+  for (int offset = width / 2; offset > 0; offset /= 2) v = f(v, __shfl_xor_sync(mask, v, offset, width));
+  return v;
+}
+
+// Reduction over the whole block (blockDim.x a multiple of 32, every thread calling); every thread
+// gets the result. The tree is fixed, so the result is the same from run to run.
+template <typename T, typename F>
+__device__ T block_allreduce(T v, F f, T identity) {
+  __shared__ T per_warp[kMaxThreads / kWarpSize];
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  v = warp_reduce(v, f, kWarpSize, 0xffffffffu);
+  __syncthreads();  // a previous call may still be reading per_warp
+  if (lane == 0) per_warp[warp] = v;
+  __syncthreads();
+  // Every warp reduces the per-warp values itself: no broadcast step needed.
+  v = lane < int(blockDim.x / kWarpSize) ? per_warp[lane] : identity;
+  return warp_reduce(v, f, kWarpSize, 0xffffffffu);
+}
+
+// A row per group of `lanes` consecutive threads of a warp (a power of two, 1 to 32).
+struct WarpRows {
+  int lanes;
+  int lane;       // index within the group
+  unsigned mask;  // the group's lanes within the warp, for the shuffles
+  int64_t row;
+
+  __device__ explicit WarpRows(int group_lanes) : lanes(group_lanes), lane(threadIdx.x & (group_lanes - 1)) {
+    const int first_lane = (threadIdx.x % kWarpSize) & ~(lanes - 1);
+    mask = lanes == kWarpSize ? 0xffffffffu : ((1u << lanes) - 1u) << first_lane;
+    row = int64_t(blockIdx.x) * (blockDim.x / lanes) + threadIdx.x / lanes;
+  }
+  template <typename T>
+  __device__ T sum(T v) const { return warp_reduce(v, SumOp(), lanes, mask); }
+  template <typename T>
+  __device__ T max(T v) const { return warp_reduce(v, MaxOp(), lanes, mask); }
+};
+
+// A row per block, for large C.
+struct BlockRows {
+  int lanes;
+  int lane;
+  int64_t row;
+
+  __device__ explicit BlockRows(int) : lanes(blockDim.x), lane(threadIdx.x), row(blockIdx.x) {}
+  template <typename T>
+  __device__ T sum(T v) const { return block_allreduce(v, SumOp(), T(0)); }
+  template <typename T>
+  __device__ T max(T v) const { return block_allreduce(v, MaxOp(), minus_infinity<T>()); }
+};
+
+// ---- what every row operation reads ----
+
+template <typename scalar_t>
+struct Logits {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x;          // (rows, classes), contiguous
+  const scalar_t* weight;     // (classes,) or null: all ones
+  const acc_t* weight_total;  // sum of weight on the device, or null: classes (used with smoothing only)
+  int64_t rows;
+  int64_t classes;
+  CrossEntropyOptions<acc_t> opts;
+
+  __device__ acc_t w(int64_t c) const { return weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1); }
+  __device__ acc_t total_weight() const { return weight_total != nullptr ? *weight_total : acc_t(classes); }
+  __device__ const scalar_t* row(int64_t i) const { return x + i * classes; }
+
+  // max and sum(exp(x - max)) of a row; every lane of the group gets them.
+  template <typename Rows>
+  __device__ void stats(const Rows& g, const scalar_t* xr, acc_t& row_max, acc_t& sum_exp) const {
+    acc_t m = minus_infinity<acc_t>();
+    for (int64_t c = g.lane; c < classes; c += g.lanes) m = nan_max(static_cast<acc_t>(xr[c]), m);
+    m = g.max(m);
+    acc_t s = 0;
+    for (int64_t c = g.lane; c < classes; c += g.lanes) s += device_exp(static_cast<acc_t>(xr[c]) - m);
+    row_max = m;
+    sum_exp = g.sum(s);
+  }
+};
+
+// The class of row i, or -1 when the row is ignored. Out of range: a device-side assert, and the
+// row is treated as ignored so that nothing is read out of bounds even without asserts.
+__device__ __forceinline__ int64_t checked_target(const int64_t* target, int64_t i, int64_t classes,
+                                                  int64_t ignore_index) {
+  const int64_t y = target[i];
+  if (y == ignore_index) return -1;
+  const bool in_range = y >= 0 && y < classes;
+  CUDA_KERNEL_ASSERT(in_range);
+  return in_range ? y : -1;
+}
+
+// ---- row operations ----
+// Each has: acc_t; kSums, the number of per-row values a reduced result sums; reduces(); row(g, i,
+// sums), which fills sums on lane 0 of the group at least; finish(totals), which writes the reduced
+// result from the sums over all rows.
+
+struct NoReduction {
+  static constexpr int kSums = 1;
+  __host__ __device__ bool reduces() const { return false; }
+  template <typename A>
+  __device__ void finish(const A&) const {}
+};
+
+// Forward, class-index targets. Sums: nll, smoothing term, weight of the target (mean's divisor).
+template <typename scalar_t>
+struct IndexForward {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kSums = 3;
+  Logits<scalar_t> d;
+  const int64_t* target;
+  int64_t ignore_index;
+  int64_t reduction;
+  acc_t* lse;       // (rows,)
+  scalar_t* loss;   // (rows,) for reduction 'none', else the 0-d result
+
+  __host__ __device__ bool reduces() const { return reduction != kNone; }
+
+  template <typename Rows>
+  __device__ void row(const Rows& g, int64_t i, acc_t (&sums)[kSums]) const {
+    const scalar_t* xr = d.row(i);
+    const int64_t y = checked_target(target, i, d.classes, ignore_index);
+    acc_t row_max, sum_exp;
+    d.stats(g, xr, row_max, sum_exp);
+    const acc_t log_sum = device_log(sum_exp);
+    const acc_t row_lse = row_max + log_sum;
+    acc_t nll = 0, smooth = 0;
+    if (d.opts.smoothing) {  // the same for every row: the group reduction runs on ignored rows too
+      acc_t part = 0;
+      for (int64_t c = g.lane; c < d.classes; c += g.lanes) part += d.w(c) * (row_max - static_cast<acc_t>(xr[c]));
+      smooth = g.sum(part) + d.total_weight() * log_sum;
+    }
+    if (y >= 0) {
+      nll = d.w(y) * (row_lse - static_cast<acc_t>(xr[y]));
+    } else {
+      smooth = 0;
+    }
+    if (g.lane == 0) {
+      lse[i] = row_lse;
+      if (reduction == kNone) loss[i] = static_cast<scalar_t>(index_row_loss(nll, smooth, d.opts));
+    }
+    sums[0] = nll;
+    sums[1] = smooth;
+    sums[2] = y >= 0 ? d.w(y) : acc_t(0);
+  }
+
+  __device__ void finish(const acc_t (&totals)[kSums]) const {
+    *loss = static_cast<scalar_t>(index_reduced_loss(totals[0], totals[1], reduction, totals[2], d.opts));
+  }
+};
+
+// Forward, probability targets. Sum: the row loss.
+template <typename scalar_t>
+struct ProbForward {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kSums = 1;
+  Logits<scalar_t> d;
+  const scalar_t* target;  // (rows, classes), contiguous
+  int64_t reduction;
+  acc_t* lse;
+  scalar_t* loss;
+
+  __host__ __device__ bool reduces() const { return reduction != kNone; }
+
+  template <typename Rows>
+  __device__ void row(const Rows& g, int64_t i, acc_t (&sums)[kSums]) const {
+    const scalar_t* xr = d.row(i);
+    const scalar_t* tr = target + i * d.classes;
+    acc_t row_max, sum_exp;
+    d.stats(g, xr, row_max, sum_exp);
+    const acc_t row_lse = row_max + device_log(sum_exp);
+    acc_t part = 0;
+    for (int64_t c = g.lane; c < d.classes; c += g.lanes) {
+      const acc_t wt = d.w(c) * d.opts.smoothed_target(static_cast<acc_t>(tr[c]));
+      part += prob_loss_term(static_cast<acc_t>(xr[c]), row_lse, wt);
+    }
+    const acc_t row_loss = g.sum(part);
+    if (g.lane == 0) {
+      lse[i] = row_lse;
+      if (reduction == kNone) loss[i] = static_cast<scalar_t>(row_loss);
+    }
+    sums[0] = row_loss;
+  }
+
+  __device__ void finish(const acc_t (&totals)[kSums]) const {
+    // Stock gives NaN for the mean of an empty input, whatever its shape (as the CPU kernel does).
+    const bool empty_mean = d.rows * d.classes == 0 && reduction == kMean;
+    *loss = static_cast<scalar_t>(empty_mean ? acc_t(NAN)
+                                             : prob_reduced_loss(totals[0], d.rows, reduction));
+  }
+};
+
+// The summed weight of the rows' targets, ignored rows excluded: reduction 'mean''s divisor, which
+// the backward needs before any gradient. One row per thread.
+template <typename scalar_t>
+struct TargetWeightSum {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kSums = 1;
+  Logits<scalar_t> d;
+  const int64_t* target;
+  int64_t ignore_index;
+  acc_t* result;  // 0-d
+
+  __host__ __device__ bool reduces() const { return true; }
+
+  template <typename Rows>
+  __device__ void row(const Rows&, int64_t i, acc_t (&sums)[kSums]) const {
+    const int64_t y = checked_target(target, i, d.classes, ignore_index);
+    sums[0] = y >= 0 ? d.w(y) : acc_t(0);
+  }
+
+  __device__ void finish(const acc_t (&totals)[kSums]) const { *result = totals[0]; }
+};
+
+// Backward, class-index targets.
+template <typename scalar_t>
+struct IndexBackward : NoReduction {
+  using acc_t = at::opmath_type<scalar_t>;
+  Logits<scalar_t> d;
+  const int64_t* target;
+  int64_t ignore_index;
+  int64_t reduction;
+  const scalar_t* grad_loss;
+  int64_t grad_stride;             // 0 for a reduced loss's 0-d grad
+  const acc_t* lse;
+  const acc_t* target_weight_sum;  // reduction 'mean' only
+  scalar_t* grad_input;
+
+  template <typename Rows>
+  __device__ void row(const Rows& g, int64_t i, acc_t (&)[kSums]) const {
+    const int64_t y = checked_target(target, i, d.classes, ignore_index);
+    scalar_t* gr = grad_input + i * d.classes;
+    if (y < 0) {
+      for (int64_t c = g.lane; c < d.classes; c += g.lanes) gr[c] = scalar_t(0);
+      return;
+    }
+    const acc_t divisor = reduction == kMean ? *target_weight_sum : acc_t(1);
+    const auto scales =
+        index_grad_scales(static_cast<acc_t>(grad_loss[i * grad_stride]), d.w(y), reduction, divisor, d.opts);
+    const acc_t row_lse = lse[i];
+    const acc_t total = d.total_weight();
+    const scalar_t* xr = d.row(i);
+    for (int64_t c = g.lane; c < d.classes; c += g.lanes) {
+      const acc_t p = device_exp(static_cast<acc_t>(xr[c]) - row_lse);
+      gr[c] = static_cast<scalar_t>(index_grad(p, c == y, d.w(c), total, scales));
+    }
+  }
+};
+
+// Backward, probability targets: the input's grad and/or the target's grad.
+template <typename scalar_t>
+struct ProbBackward : NoReduction {
+  using acc_t = at::opmath_type<scalar_t>;
+  Logits<scalar_t> d;
+  const scalar_t* target;
+  int64_t reduction;
+  const scalar_t* grad_loss;
+  int64_t grad_stride;
+  const acc_t* lse;
+  scalar_t* grad_input;   // or null
+  scalar_t* grad_target;  // or null
+
+  template <typename Rows>
+  __device__ void row(const Rows& g, int64_t i, acc_t (&)[kSums]) const {
+    const scalar_t* xr = d.row(i);
+    const scalar_t* tr = target + i * d.classes;
+    const acc_t gi = prob_grad_scale(static_cast<acc_t>(grad_loss[i * grad_stride]), d.rows, reduction);
+    const acc_t row_lse = lse[i];
+    if (grad_input != nullptr) {  // the same for every row
+      acc_t part = 0;
+      for (int64_t c = g.lane; c < d.classes; c += g.lanes) {
+        part += d.w(c) * d.opts.smoothed_target(static_cast<acc_t>(tr[c]));
+      }
+      const acc_t weighted_sum = g.sum(part);
+      for (int64_t c = g.lane; c < d.classes; c += g.lanes) {
+        const acc_t p = device_exp(static_cast<acc_t>(xr[c]) - row_lse);
+        const acc_t wt = d.w(c) * d.opts.smoothed_target(static_cast<acc_t>(tr[c]));
+        grad_input[i * d.classes + c] = static_cast<scalar_t>(prob_input_grad(p, weighted_sum, wt, gi));
+      }
+    }
+    if (grad_target != nullptr) {
+      for (int64_t c = g.lane; c < d.classes; c += g.lanes) {
+        grad_target[i * d.classes + c] =
+            static_cast<scalar_t>(prob_target_grad(static_cast<acc_t>(xr[c]), row_lse, d.w(c), gi, d.opts));
+      }
+    }
+  }
+};
+
+// ---- the kernels ----
+
+// Applies op to every row; a reducing op's block sum goes to partials[block], or, for a grid of
+// one block, straight to op.finish.
+template <typename Op, typename Rows>
+__global__ void __launch_bounds__(kMaxThreads) rows_kernel(const Op op, int64_t rows, int lanes,
+                                                           typename Op::acc_t* partials) {
+  using acc_t = typename Op::acc_t;
+  const Rows g(lanes);
+  acc_t sums[Op::kSums];
+  for (int k = 0; k < Op::kSums; ++k) sums[k] = acc_t(0);
+  if (g.row < rows) op.row(g, g.row, sums);  // the same for every lane of a group
+  if (!op.reduces()) return;                  // the same for the whole grid
+  for (int k = 0; k < Op::kSums; ++k) {
+    sums[k] = block_allreduce(g.lane == 0 ? sums[k] : acc_t(0), SumOp(), acc_t(0));
+  }
+  if (threadIdx.x != 0) return;
+  if (gridDim.x == 1) {
+    op.finish(sums);
+  } else {
+    for (int k = 0; k < Op::kSums; ++k) partials[int64_t(blockIdx.x) * Op::kSums + k] = sums[k];
+  }
+}
+
+// Adds the per-block partials (count may be 0) in a fixed order and finishes the reduced result.
+template <typename Op>
+__global__ void __launch_bounds__(kFinishThreads) finish_kernel(const Op op, const typename Op::acc_t* partials,
+                                                                int64_t count) {
+  using acc_t = typename Op::acc_t;
+  acc_t totals[Op::kSums];
+  for (int k = 0; k < Op::kSums; ++k) {
+    acc_t v = 0;
+    for (int64_t j = threadIdx.x; j < count; j += blockDim.x) v += partials[j * Op::kSums + k];
+    totals[k] = block_allreduce(v, SumOp(), acc_t(0));
+  }
+  if (threadIdx.x == 0) op.finish(totals);
+}
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+int next_pow2(int64_t v) {
+  int p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+// How rows map onto the grid.
+struct RowsPlan {
+  bool block_per_row;
+  int lanes;  // per row, for warp groups
+  int threads;
+  int64_t blocks;
+};
+
+// lanes = 0 picks the group size from the number of classes (about two classes per lane).
+RowsPlan plan_rows(int64_t rows, int64_t classes, int lanes = 0) {
+  RowsPlan p{};
+  if (lanes == 0 && classes > kMaxWarpClasses) {
+    p.block_per_row = true;
+    p.threads = std::min(kMaxThreads, std::max(128, next_pow2(ceil_div(classes, 16))));
+    p.blocks = rows;
+  } else {
+    p.lanes = lanes != 0 ? lanes : std::min(kWarpSize, next_pow2(std::max<int64_t>(1, ceil_div(classes, 2))));
+    // Few rows: one block holds them all, so a reduced loss needs no second kernel.
+    const int64_t threads = rows * p.lanes;
+    p.threads = threads <= kMaxThreads ? int(std::max<int64_t>(kWarpSize, ceil_div(threads, kWarpSize) * kWarpSize))
+                                       : 256;
+    p.blocks = ceil_div(threads, p.threads);
+  }
+  TORCH_CHECK(p.blocks <= std::numeric_limits<int32_t>::max(), "mnist_fast.cross_entropy: too many rows (",
+              rows, ") for one CUDA grid");
+  return p;
+}
+
+template <typename Op>
+void launch_rows(const Op& op, const RowsPlan& plan, int64_t rows, const at::TensorOptions& acc_options) {
+  using acc_t = typename Op::acc_t;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor partials;
+  if (op.reduces() && plan.blocks > 1) partials = at::empty({plan.blocks, Op::kSums}, acc_options);
+  acc_t* partials_ptr = partials.defined() ? partials.data_ptr<acc_t>() : nullptr;
+  if (plan.blocks > 0) {  // a grid of 0 blocks is a launch error
+    const auto blocks = static_cast<unsigned>(plan.blocks);
+    if (plan.block_per_row) {
+      rows_kernel<Op, BlockRows><<<blocks, plan.threads, 0, stream>>>(op, rows, 0, partials_ptr);
+    } else {
+      rows_kernel<Op, WarpRows><<<blocks, plan.threads, 0, stream>>>(op, rows, plan.lanes, partials_ptr);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  // Several blocks left partials; no rows at all still has a result (0, or NaN for a mean).
+  if (op.reduces() && plan.blocks != 1) {
+    finish_kernel<Op><<<1, kFinishThreads, 0, stream>>>(op, partials_ptr, plan.blocks);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// ---- host side ----
+
+// Logits of a contiguous input plus the class weights; keeps the tensors it points into alive.
+template <typename scalar_t>
+struct LogitsHolder {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::Tensor weight, weight_total;
+  Logits<scalar_t> logits;
+
+  LogitsHolder(const at::Tensor& input, const std::optional<at::Tensor>& weight_arg, double label_smoothing,
+               bool needs_total)
+      : logits{input.const_data_ptr<scalar_t>(), nullptr, nullptr, input.size(0), input.size(1),
+               CrossEntropyOptions<acc_t>(input.size(1), label_smoothing)} {
+    if (!weight_arg.has_value() || !weight_arg->defined()) return;
+    weight = weight_arg->contiguous();
+    logits.weight = weight.const_data_ptr<scalar_t>();
+    if (needs_total && logits.opts.smoothing) {
+      weight_total = at::sum(weight, c10::CppTypeToScalarType<acc_t>::value);
+      logits.weight_total = weight_total.const_data_ptr<acc_t>();
+    }
+  }
+};
+
+at::Tensor index_targets(const at::Tensor& target) {
+  return target.scalar_type() == at::kLong ? target.contiguous() : target.to(at::kLong).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cuda(const at::Tensor& input_, const at::Tensor& target,
+                                                              const std::optional<at::Tensor>& weight,
+                                                              int64_t reduction, int64_t ignore_index,
+                                                              double label_smoothing) {
+  const auto kind = check_cross_entropy_args(input_, target, weight, reduction, ignore_index, label_smoothing);
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const auto input = input_.contiguous();
+  const int64_t rows = input.size(0), classes = input.size(1);
+  auto loss = reduction == kNone ? at::empty({rows}, input.options()) : at::empty({}, input.options());
+  const auto acc_options = input.options().dtype(logsumexp_dtype(input.scalar_type()));
+  auto lse = at::empty({rows}, acc_options);
+  const RowsPlan plan = plan_rows(rows, classes);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "cross_entropy_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const LogitsHolder<scalar_t> h(input, weight, label_smoothing, kind == TargetKind::ClassIndex);
+    if (kind == TargetKind::ClassIndex) {
+      const auto y = index_targets(target);
+      const IndexForward<scalar_t> op{h.logits, y.const_data_ptr<int64_t>(), ignore_index, reduction,
+                                      lse.data_ptr<acc_t>(), loss.data_ptr<scalar_t>()};
+      launch_rows(op, plan, rows, acc_options);
+    } else {
+      const auto t = target.contiguous();
+      const ProbForward<scalar_t> op{h.logits, t.const_data_ptr<scalar_t>(), reduction, lse.data_ptr<acc_t>(),
+                                     loss.data_ptr<scalar_t>()};
+      launch_rows(op, plan, rows, acc_options);
+    }
+  });
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& input_,
+                                                               const at::Tensor& target,
+                                                               const std::optional<at::Tensor>& weight,
+                                                               const at::Tensor& lse_, int64_t reduction,
+                                                               int64_t ignore_index, double label_smoothing,
+                                                               std::array<bool, 2> output_mask) {
+  const auto kind = check_cross_entropy_backward_args(grad_loss, input_, target, weight, lse_, reduction,
+                                                      ignore_index, label_smoothing);
+  TORCH_CHECK(!output_mask[1] || kind == TargetKind::Probability,
+              "mnist_fast.cross_entropy_backward: class-index targets have no gradient");
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const auto input = input_.contiguous();
+  const auto lse = lse_.contiguous();
+  at::Tensor grad_input = output_mask[0] ? at::empty_like(input) : at::Tensor();
+  at::Tensor grad_target = output_mask[1] ? at::empty_like(input) : at::Tensor();
+  if (!output_mask[0] && !output_mask[1]) return {grad_input, grad_target};
+  const int64_t rows = input.size(0), classes = input.size(1);
+  // A reduced loss's grad is 0-d: every row reads element 0.
+  const int64_t grad_stride = reduction == kNone ? grad_loss.stride(0) : 0;
+  const auto acc_options = lse.options();
+  const RowsPlan plan = plan_rows(rows, classes);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "cross_entropy_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const LogitsHolder<scalar_t> h(input, weight, label_smoothing, kind == TargetKind::ClassIndex);
+    if (kind == TargetKind::ClassIndex) {
+      const auto y = index_targets(target);
+      at::Tensor divisor;
+      if (reduction == kMean) {
+        divisor = at::empty({}, acc_options);
+        const TargetWeightSum<scalar_t> sum_op{h.logits, y.const_data_ptr<int64_t>(), ignore_index,
+                                               divisor.data_ptr<acc_t>()};
+        launch_rows(sum_op, plan_rows(rows, classes, /*lanes=*/1), rows, acc_options);
+      }
+      const IndexBackward<scalar_t> op{{},
+                                       h.logits,
+                                       y.const_data_ptr<int64_t>(),
+                                       ignore_index,
+                                       reduction,
+                                       grad_loss.const_data_ptr<scalar_t>(),
+                                       grad_stride,
+                                       lse.const_data_ptr<acc_t>(),
+                                       divisor.defined() ? divisor.const_data_ptr<acc_t>() : nullptr,
+                                       grad_input.data_ptr<scalar_t>()};
+      launch_rows(op, plan, rows, acc_options);
+    } else {
+      const auto t = target.contiguous();
+      const ProbBackward<scalar_t> op{{},
+                                      h.logits,
+                                      t.const_data_ptr<scalar_t>(),
+                                      reduction,
+                                      grad_loss.const_data_ptr<scalar_t>(),
+                                      grad_stride,
+                                      lse.const_data_ptr<acc_t>(),
+                                      grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr,
+                                      grad_target.defined() ? grad_target.data_ptr<scalar_t>() : nullptr};
+      launch_rows(op, plan, rows, acc_options);
+    }
+  });
+  return {grad_input, grad_target};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mnist_fast, CUDA, m) {
+  m.impl("cross_entropy_forward", TORCH_FN(cross_entropy_forward_cuda));
+  m.impl("cross_entropy_backward", TORCH_FN(cross_entropy_backward_cuda));
+}
+
+}  // namespace mnist_fast

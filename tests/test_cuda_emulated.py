@@ -1,0 +1,246 @@
+"""The CUDA kernels of csrc/cuda/, run on the CPU under an emulation of the CUDA execution model.
+
+No GPU is needed: each .cu file is compiled with the host compiler against tests/cuda_emu/emu_cuda.h
+(threads as fibers; __syncthreads and warp shuffles as rendezvous points; launches checked for
+empty grids, grid-size limits and block sizes), with its kernel launches rewritten to emulator
+calls, and its host functions are called on CPU tensors. Results are compared with the CPU kernels
+and a float64 reference. This covers the CUDA-only part of the code -- grid shapes, warp-group
+shuffles, block reductions, partial sums, bounds checks -- that tests/test_cuda.py can only
+exercise on a GPU. It checks logic, not memory ordering or speed.
+
+The first run compiles two small modules (about two minutes on two cores); later runs reuse them.
+"""
+import math
+import pathlib
+import re
+
+import pytest
+import torch
+
+import mnist_fast  # noqa: F401  (the CPU kernels the emulated ones are compared with)
+
+pytestmark = pytest.mark.slow
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EMU_HEADER = ROOT / "tests" / "cuda_emu" / "emu_cuda.h"
+BUILD = ROOT / "build" / "cuda_emu"
+OPS = torch.ops.mnist_fast
+
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+}
+DTYPES = list(TOL)
+
+WRAPPER = """\
+#include <torch/extension.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <c10/util/accumulate.h>
+#include <algorithm>
+#include <limits>
+#include <cmath>
+#include "{header}"
+#include "{checks}"
+#include "{source}"
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {{
+  mnist_fast::emu_register(m);
+  m.def("asserts", [] {{ int n = emu::g_asserts; emu::g_asserts = 0; return n; }});
+}}
+"""
+
+
+def _split_top_level(text):
+    parts, depth, current = [], 0, ""
+    for c in text:
+        depth += c in "(<[{"
+        depth -= c in ")>]}"
+        if c == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += c
+    return parts + [current.strip()]
+
+
+def emulated_source(cu_text):
+    """A .cu file rewritten for the emulator: no includes, launches as emu::launch, the
+    TORCH_LIBRARY_IMPL block as a function that registers the kernels with pybind11."""
+    text = "\n".join(line for line in cu_text.split("\n") if not line.startswith("#include"))
+    text = text.replace("TORCH_LIBRARY_IMPL(mnist_fast, CUDA, m)", "void emu_register(pybind11::module_& m)")
+    text = re.sub(r'm\.impl\("(\w+)", TORCH_FN\((\w+)\)\)', r'm.def("\1", &\2)', text)
+    out, pos = [], 0
+    while (start := text.find("<<<", pos)) >= 0:
+        # The kernel expression before <<<: an identifier with template arguments.
+        end_name = start
+        while text[end_name - 1].isspace():
+            end_name -= 1
+        begin, depth = end_name, 0
+        while True:
+            c = text[begin - 1]
+            if c == ">":
+                depth += 1
+            elif c == "<":
+                depth -= 1
+            elif depth == 0 and not (c.isalnum() or c in "_:"):
+                break
+            begin -= 1
+        close = text.find(">>>", start)
+        grid, block = _split_top_level(text[start + 3:close])[:2]
+        assert text[close + 3] == "(", "a launch's arguments must follow >>> directly"
+        out.append(f"{text[pos:begin]}emu::launch({text[begin:end_name]}, {grid}, {block}, ")
+        pos = close + 4
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _write_if_changed(path, text):
+    # An unchanged file keeps its mtime, so ninja does not recompile it.
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+def _build(name):
+    from torch.utils.cpp_extension import load
+
+    directory = BUILD / name
+    directory.mkdir(parents=True, exist_ok=True)
+    source = directory / f"{name}.inc"
+    _write_if_changed(source, emulated_source((ROOT / "csrc" / "cuda" / f"{name}.cu").read_text()))
+    wrapper = directory / f"{name}_emu.cpp"
+    _write_if_changed(wrapper, WRAPPER.format(header=EMU_HEADER, checks=ROOT / "csrc" / "checks.h", source=source))
+    return load(name=f"mnist_fast_emu_{name}", sources=[str(wrapper)], build_directory=str(directory),
+                extra_cflags=["-O1", "-std=c++20"], verbose=False)
+
+
+@pytest.fixture(scope="module")
+def lr():
+    return _build("linear_relu")
+
+
+@pytest.fixture(scope="module")
+def ce():
+    return _build("cross_entropy")
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    torch.manual_seed(0)
+    with torch.no_grad():
+        yield
+
+
+def _close(actual, expected, dtype, what):
+    torch.testing.assert_close(actual, expected, **TOL[dtype], equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+# ---- linear_relu ----
+
+LINEAR_SHAPES = [((64, 30), 128, True), ((300, 7), 100, True), ((130, 3), 40, True), ((3, 5, 7), 33, False),
+                 ((7,), 4, True), ((1, 1), 1, True), ((0, 5), 6, True), ((5, 0), 3, True), ((4, 6), 0, True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_relu_emulated(lr, dtype):
+    for shape, out_features, has_bias in LINEAR_SHAPES:
+        x = torch.randn(shape, dtype=dtype)
+        w = torch.randn(out_features, shape[-1], dtype=dtype)
+        b = torch.randn(out_features, dtype=dtype) if has_bias else None
+        y = lr.linear_relu(x, w, b)
+        x2 = x.double().reshape(math.prod(shape[:-1]), shape[-1])
+        ref = torch.relu(x2 @ w.double().T + (b.double() if has_bias else 0))
+        what = f"{dtype} {shape} -> {out_features}"
+        _close(y, ref.to(dtype).reshape(y.shape), dtype, "forward " + what)
+        # A dense grad and a stride-0 one; the ReLU mask is the kernel's own output's.
+        for g in (torch.randn_like(y), torch.ones((), dtype=dtype).expand_as(y)):
+            grad_pre = g.double().reshape(ref.shape) * (y.double().reshape(ref.shape) > 0)
+            want = [(grad_pre @ w.double()).to(dtype).reshape(x.shape), (grad_pre.T @ x2).to(dtype),
+                    grad_pre.sum(0).to(dtype)]
+            for mask in ([True, True, True], [False, False, True], [True, False, False]):
+                got = lr.linear_relu_backward(g, x, w, y, mask)
+                for wanted, a, b_ in zip(mask, got, want):
+                    if wanted:
+                        _close(a, b_, dtype, f"backward {what} {mask}")
+                    else:
+                        assert a is None
+
+
+# ---- cross_entropy ----
+
+def _ce_case(ce, rows, classes, dtype, probabilities=False, weighted=False, smoothing=0.0, reduction=1,
+             ignore_index=-100, ignore_some=False, uint8=False):
+    x = torch.randn(rows, classes, dtype=dtype) * 3
+    if probabilities:
+        t = torch.softmax(torch.randn(rows, classes), 1).to(dtype)
+    else:
+        t = torch.randint(0, classes, (rows,))
+        if ignore_some and rows:
+            t[::3] = ignore_index
+        if uint8:
+            t = t.to(torch.uint8)
+    w = torch.rand(classes, dtype=dtype) + 0.5 if weighted else None
+    what = (f"rows={rows} C={classes} {dtype} probabilities={probabilities} weight={weighted} "
+            f"smoothing={smoothing} reduction={reduction} ignore={ignore_some}")
+    got = ce.cross_entropy_forward(x, t, w, reduction, ignore_index, smoothing)
+    want = OPS.cross_entropy_forward(x, t, w, reduction, ignore_index, smoothing)
+    assert ce.asserts() == 0, what
+    _close(got[0], want[0], dtype, "loss " + what)
+    _close(got[1], want[1], dtype, "logsumexp " + what)
+    g = torch.randn_like(want[0])
+    if reduction == 0 and rows > 1:
+        g = torch.randn((), dtype=dtype).expand(rows)  # stride 0, as from loss.sum().backward()
+    masks = ([True, True], [False, True]) if probabilities else ([True, False],)
+    for mask in masks:
+        got = ce.cross_entropy_backward(g, x, t, w, want[1], reduction, ignore_index, smoothing, mask)
+        expected = OPS.cross_entropy_backward(g.contiguous(), x, t, w, want[1], reduction, ignore_index, smoothing,
+                                              mask)
+        for a, b in zip(got, expected):
+            if b is None:
+                assert a is None
+            else:
+                _close(a, b, dtype, f"grad {mask} " + what)
+    assert ce.asserts() == 0, what
+
+
+# Warp groups of 1, 2, 8, 32 lanes and a block per row; single-block and multi-block grids.
+CE_SHAPES = [(64, 10), (1, 1), (5, 2), (3, 3), (40, 33), (200, 10), (0, 10), (9, 64), (3, 1025), (2, 3000),
+             (4, 0)]
+CE_OPTIONS = [(False, False, 0.0), (False, True, 0.1), (True, False, 0.0), (True, True, 0.2), (False, False, 0.3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cross_entropy_emulated(ce, dtype):
+    for rows, classes in CE_SHAPES:
+        for reduction in (0, 1, 2):
+            for probabilities, weighted, smoothing in CE_OPTIONS:
+                if classes == 0 and not probabilities:
+                    continue
+                _ce_case(ce, rows, classes, dtype, probabilities, weighted, smoothing, reduction,
+                         ignore_some=not probabilities)
+
+
+def test_cross_entropy_emulated_more_options(ce):
+    _ce_case(ce, 50, 10, torch.float32, ignore_index=3, ignore_some=True)
+    _ce_case(ce, 50, 10, torch.float32, uint8=True)
+    _ce_case(ce, 2000, 10, torch.float32, weighted=True, smoothing=0.1, ignore_some=True)  # partials + finish
+    _ce_case(ce, 1500, 1, torch.float32, reduction=1)  # one lane per row, several blocks
+
+
+def test_cross_entropy_emulated_bad_index_asserts(ce):
+    x = torch.randn(8, 10)
+    t = torch.zeros(8, dtype=torch.long)
+    t[3] = 10
+    ce.cross_entropy_forward(x, t, None, 1, -100, 0.0)
+    assert ce.asserts() > 0
+    t[3] = -5
+    ce.cross_entropy_backward(torch.ones(()), x, t, None, torch.logsumexp(x, 1), 1, -100, 0.0, [True, False])
+    assert ce.asserts() > 0
+    x = torch.randn(2, 2000)  # a block per row
+    ce.cross_entropy_forward(x, torch.tensor([0, 1 << 40]), None, 0, -100, 0.0)
+    assert ce.asserts() > 0
