@@ -174,7 +174,7 @@ struct IndexForward {
   const int64_t* target;
   int64_t ignore_index;
   int64_t reduction;
-  acc_t* lse;       // (rows,)
+  double* lse;      // (rows,), float64 for every dtype (checks.h)
   scalar_t* loss;   // (rows,) for reduction 'none', else the 0-d result
 
   __host__ __device__ bool reduces() const { return reduction != kNone; }
@@ -186,7 +186,6 @@ struct IndexForward {
     acc_t row_max, sum_exp;
     d.stats(g, xr, row_max, sum_exp);
     const acc_t log_sum = device_log(sum_exp);
-    const acc_t row_lse = row_max + log_sum;
     acc_t nll = 0, smooth = 0;
     if (d.opts.smoothing) {  // the same for every row: the group reduction runs on ignored rows too
       acc_t part = 0;
@@ -194,12 +193,12 @@ struct IndexForward {
       smooth = g.sum(part) + d.total_weight() * log_sum;
     }
     if (y >= 0) {
-      nll = d.w(y) * (row_lse - static_cast<acc_t>(xr[y]));
+      nll = d.w(y) * neg_log_prob(static_cast<acc_t>(xr[y]), row_max, log_sum);
     } else {
       smooth = 0;
     }
     if (g.lane == 0) {
-      lse[i] = row_lse;
+      lse[i] = static_cast<double>(row_max) + static_cast<double>(log_sum);
       if (reduction == kNone) loss[i] = static_cast<scalar_t>(index_row_loss(nll, smooth, d.opts));
     }
     sums[0] = nll;
@@ -220,7 +219,7 @@ struct ProbForward {
   Logits<scalar_t> d;
   const scalar_t* target;  // (rows, classes), contiguous
   int64_t reduction;
-  acc_t* lse;
+  double* lse;
   scalar_t* loss;
 
   __host__ __device__ bool reduces() const { return reduction != kNone; }
@@ -231,15 +230,15 @@ struct ProbForward {
     const scalar_t* tr = target + i * d.classes;
     acc_t row_max, sum_exp;
     d.stats(g, xr, row_max, sum_exp);
-    const acc_t row_lse = row_max + device_log(sum_exp);
+    const acc_t log_sum = device_log(sum_exp);
     acc_t part = 0;
     for (int64_t c = g.lane; c < d.classes; c += g.lanes) {
       const acc_t wt = d.w(c) * d.opts.smoothed_target(static_cast<acc_t>(tr[c]));
-      part += prob_loss_term(static_cast<acc_t>(xr[c]), row_lse, wt);
+      part += prob_loss_term(neg_log_prob(static_cast<acc_t>(xr[c]), row_max, log_sum), wt);
     }
     const acc_t row_loss = g.sum(part);
     if (g.lane == 0) {
-      lse[i] = row_lse;
+      lse[i] = static_cast<double>(row_max) + static_cast<double>(log_sum);
       if (reduction == kNone) loss[i] = static_cast<scalar_t>(row_loss);
     }
     sums[0] = row_loss;
@@ -285,7 +284,7 @@ struct IndexBackward : NoReduction {
   int64_t reduction;
   const scalar_t* grad_loss;
   int64_t grad_stride;             // 0 for a reduced loss's 0-d grad
-  const acc_t* lse;
+  const double* lse;
   const acc_t* target_weight_sum;  // reduction 'mean' only
   scalar_t* grad_input;
 
@@ -300,11 +299,11 @@ struct IndexBackward : NoReduction {
     const acc_t divisor = reduction == kMean ? *target_weight_sum : acc_t(1);
     const auto scales =
         index_grad_scales(static_cast<acc_t>(grad_loss[i * grad_stride]), d.w(y), reduction, divisor, d.opts);
-    const acc_t row_lse = lse[i];
+    const SplitLogSumExp<acc_t> row_lse(lse[i]);
     const acc_t total = d.total_weight();
     const scalar_t* xr = d.row(i);
     for (int64_t c = g.lane; c < d.classes; c += g.lanes) {
-      const acc_t p = device_exp(static_cast<acc_t>(xr[c]) - row_lse);
+      const acc_t p = device_exp(-row_lse.neg_log_prob(static_cast<acc_t>(xr[c])));
       gr[c] = static_cast<scalar_t>(index_grad(p, c == y, d.w(c), total, scales));
     }
   }
@@ -319,7 +318,7 @@ struct ProbBackward : NoReduction {
   int64_t reduction;
   const scalar_t* grad_loss;
   int64_t grad_stride;
-  const acc_t* lse;
+  const double* lse;
   scalar_t* grad_input;   // or null
   scalar_t* grad_target;  // or null
 
@@ -328,7 +327,7 @@ struct ProbBackward : NoReduction {
     const scalar_t* xr = d.row(i);
     const scalar_t* tr = target + i * d.classes;
     const acc_t gi = prob_grad_scale(static_cast<acc_t>(grad_loss[i * grad_stride]), d.rows, reduction);
-    const acc_t row_lse = lse[i];
+    const SplitLogSumExp<acc_t> row_lse(lse[i]);
     if (grad_input != nullptr) {  // the same for every row
       acc_t part = 0;
       for (int64_t c = g.lane; c < d.classes; c += g.lanes) {
@@ -336,7 +335,7 @@ struct ProbBackward : NoReduction {
       }
       const acc_t weighted_sum = g.sum(part);
       for (int64_t c = g.lane; c < d.classes; c += g.lanes) {
-        const acc_t p = device_exp(static_cast<acc_t>(xr[c]) - row_lse);
+        const acc_t p = device_exp(-row_lse.neg_log_prob(static_cast<acc_t>(xr[c])));
         const acc_t wt = d.w(c) * d.opts.smoothed_target(static_cast<acc_t>(tr[c]));
         grad_input[i * d.classes + c] = static_cast<scalar_t>(prob_input_grad(p, weighted_sum, wt, gi));
       }
@@ -344,7 +343,7 @@ struct ProbBackward : NoReduction {
     if (grad_target != nullptr) {
       for (int64_t c = g.lane; c < d.classes; c += g.lanes) {
         grad_target[i * d.classes + c] =
-            static_cast<scalar_t>(prob_target_grad(static_cast<acc_t>(xr[c]), row_lse, d.w(c), gi, d.opts));
+            static_cast<scalar_t>(prob_target_grad(row_lse.neg_log_prob(static_cast<acc_t>(xr[c])), d.w(c), gi, d.opts));
       }
     }
   }
@@ -485,8 +484,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cuda(const at::Tensor& 
   const auto input = input_.contiguous();
   const int64_t rows = input.size(0), classes = input.size(1);
   auto loss = reduction == kNone ? at::empty({rows}, input.options()) : at::empty({}, input.options());
-  const auto acc_options = input.options().dtype(logsumexp_dtype(input.scalar_type()));
-  auto lse = at::empty({rows}, acc_options);
+  // Partial sums of reductions are in the accumulation type; the saved logsumexp is float64.
+  const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
+  auto lse = at::empty({rows}, input.options().dtype(logsumexp_dtype(input.scalar_type())));
   const RowsPlan plan = plan_rows(rows, classes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "cross_entropy_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -494,11 +494,11 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cuda(const at::Tensor& 
     if (kind == TargetKind::ClassIndex) {
       const auto y = index_targets(target);
       const IndexForward<scalar_t> op{h.logits, y.const_data_ptr<int64_t>(), ignore_index, reduction,
-                                      lse.data_ptr<acc_t>(), loss.data_ptr<scalar_t>()};
+                                      lse.data_ptr<double>(), loss.data_ptr<scalar_t>()};
       launch_rows(op, plan, rows, acc_options);
     } else {
       const auto t = target.contiguous();
-      const ProbForward<scalar_t> op{h.logits, t.const_data_ptr<scalar_t>(), reduction, lse.data_ptr<acc_t>(),
+      const ProbForward<scalar_t> op{h.logits, t.const_data_ptr<scalar_t>(), reduction, lse.data_ptr<double>(),
                                      loss.data_ptr<scalar_t>()};
       launch_rows(op, plan, rows, acc_options);
     }
@@ -525,7 +525,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_cuda(const at::Tensor&
   const int64_t rows = input.size(0), classes = input.size(1);
   // A reduced loss's grad is 0-d: every row reads element 0.
   const int64_t grad_stride = reduction == kNone ? grad_loss.stride(0) : 0;
-  const auto acc_options = lse.options();
+  const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
   const RowsPlan plan = plan_rows(rows, classes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "cross_entropy_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -546,7 +546,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_cuda(const at::Tensor&
                                        reduction,
                                        grad_loss.const_data_ptr<scalar_t>(),
                                        grad_stride,
-                                       lse.const_data_ptr<acc_t>(),
+                                       lse.const_data_ptr<double>(),
                                        divisor.defined() ? divisor.const_data_ptr<acc_t>() : nullptr,
                                        grad_input.data_ptr<scalar_t>()};
       launch_rows(op, plan, rows, acc_options);
@@ -558,7 +558,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_cuda(const at::Tensor&
                                       reduction,
                                       grad_loss.const_data_ptr<scalar_t>(),
                                       grad_stride,
-                                      lse.const_data_ptr<acc_t>(),
+                                      lse.const_data_ptr<double>(),
                                       grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr,
                                       grad_target.defined() ? grad_target.data_ptr<scalar_t>() : nullptr};
       launch_rows(op, plan, rows, acc_options);
