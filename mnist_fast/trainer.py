@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from . import _C
 from . import _trainer_ops  # noqa: F401  (fake kernels of the training-step ops)
 from .models import MNISTNet
 from .nn import LinearReLU
@@ -171,7 +172,9 @@ class FusedTrainer:
             if buffers is None:  # the first momentum step: the op sets buffer = gradient
                 buffers = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in self._params]
                 first_step = True
-        loss, correct = _OPS.train_step_sgd.default(
+        # Eager: the pybind11 entry point (about 5 us less per call than torch.ops); traced: the op.
+        call = _OPS.train_step_sgd.default if torch.compiler.is_compiling() else _C.train_step_sgd
+        loss, correct = call(
             x, labels, self._params, buffers, self._workspace(x), self.lr, self.momentum, self.dampening,
             self.weight_decay, self.nesterov, first_step, self.ignore_index, self.label_smoothing)
         if first_step:  # only once the step went through: a rejected batch leaves no state behind
