@@ -164,7 +164,7 @@ class FusedTrainer:
         if images.dim() < 2:
             raise ValueError(f"FusedTrainer.step: expected images of shape (N, ...) with N samples, got shape "
                              f"{tuple(images.shape)}")
-        x = images.reshape(images.shape[0], -1)
+        x = images.flatten(1)
         first_step = False
         buffers: List[Tensor] = []
         if self.momentum != 0.0:

@@ -33,7 +33,7 @@ def stock_run(model, opt, batches, loss_fn=None):
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     losses, correct = [], []
     for x, y in batches:
-        logits = model(x.reshape(x.shape[0], -1))
+        logits = model(x.flatten(1))
         loss = loss_fn(logits, y)
         opt.zero_grad()
         loss.backward()
@@ -150,6 +150,23 @@ def test_label_smoothing_and_ignore_index_match_stock():
     torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), **TOL[torch.float64])
     assert correct == ref_correct
     assert_same_params(model, ref, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("case", ["empty batch", "every row ignored"])
+def test_degenerate_batches_match_stock(case):
+    # Stock gives a NaN loss and zero gradients; weight decay and momentum still move the parameters.
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+    model = copy.deepcopy(ref)
+    config = dict(lr=0.1, momentum=0.9, weight_decay=0.1)
+    first = make_batches([5], in_shape=(6,), classes=3)
+    x, y = (torch.randn(0, 6), torch.zeros(0, dtype=torch.long)) if case == "empty batch" else \
+        (torch.randn(5, 6), torch.full((5,), -100))
+    ref_losses, ref_correct = stock_run(ref, torch.optim.SGD(ref.parameters(), **config), first + [(x, y)])
+    losses, correct = fused_run(FusedTrainer(model, **config), first + [(x, y)])
+    assert torch.isnan(losses[1]) and torch.isnan(ref_losses[1])
+    assert correct == ref_correct
+    assert_same_params(model, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_loss_and_correct_values():
