@@ -16,7 +16,8 @@ model(x) work as usual). Parameter .grad fields are neither read nor written.
 
 Supported models: MNISTNet, and nn.Sequential stacks (nested ones too) of LinearReLU, nn.Linear
 followed by nn.ReLU, nn.Identity and a leading nn.Flatten, ending in a plain nn.Linear that gives the
-logits; every layer with a bias; float32 or float64 parameters on one device (CPU kernels).
+logits; every layer with a bias; float32 or float64 parameters on one device. The CPU kernel is
+the tested one; the CUDA kernel (csrc/cuda/train_step.cu) compiles but has not run on a GPU yet.
 """
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -114,8 +115,10 @@ class FusedTrainer:
         first = self._params[0]
         if first.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"FusedTrainer: parameters must be float32 or float64, got {first.dtype}")
-        if first.device.type != "cpu":
-            raise ValueError(f"FusedTrainer: only CPU models are supported so far, got {first.device}")
+        if first.device.type == "cuda" and not _C.cuda_compiled():
+            raise ValueError("FusedTrainer: this build of mnist_fast has no CUDA kernels")
+        if first.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"FusedTrainer: CPU and CUDA models are supported, got {first.device}")
         for p in self._params:
             if p.dtype != first.dtype or p.device != first.device:
                 raise ValueError("FusedTrainer: every parameter must have the same dtype and device, got "

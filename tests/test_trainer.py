@@ -86,6 +86,27 @@ def test_matches_stock_sgd_after_several_steps(config, dtype):
     assert_same_params(model, ref, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_stock_on_each_device(device, dtype):
+    torch.manual_seed(0)
+    ref = stock_mlp().to(device, dtype)
+    model = fuse(copy.deepcopy(ref))
+    batches = [(x.to(device), y.to(device)) for x, y in make_batches([32, 32, 7, 32], dtype=dtype)]
+    batches[1][1][::4] = -100
+    config = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+    ref_losses, ref_correct = stock_run(ref, torch.optim.SGD(ref.parameters(), **config), batches, loss_fn)
+    trainer = FusedTrainer(model, label_smoothing=0.1, **config)
+    losses, correct = fused_run(trainer, batches)
+    tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), **tol)
+    assert correct == ref_correct
+    assert_same_params(model, ref, **tol)
+    x, y = batches[0]
+    with pytest.raises(IndexError, match="Target 10 is out of bounds"):
+        trainer.step(x, torch.where(torch.arange(len(y), device=device) == 3, 10, y))
+
+
 def test_mnistnet_and_the_model_stays_the_source_of_truth():
     torch.manual_seed(0)
     model = MNISTNet()
