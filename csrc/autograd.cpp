@@ -5,6 +5,7 @@
 // the per-row logsumexp (not the log-softmax). The backward ops are registered ops of their own, so
 // torch.compile sees only registered ops.
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
 #include "ops.h"
@@ -117,9 +118,32 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_autograd(
                                 label_smoothing, output_mask);
 }
 
+// The training step is an optimizer step: it updates parameters (leaves that require grad) in place
+// and its outputs have no gradient, like torch.optim.SGD.step() under no_grad. It runs below
+// autograd and bumps the version counters of what it wrote, so a graph that saved one of those
+// tensors notices at backward time.
+std::tuple<at::Tensor, at::Tensor> train_step_sgd_autograd(const at::Tensor& input, const at::Tensor& target,
+                                                           at::TensorList params, at::TensorList momentum_buffers,
+                                                           at::TensorList workspace, double lr, double momentum,
+                                                           double dampening, double weight_decay, bool nesterov,
+                                                           bool first_step, int64_t ignore_index,
+                                                           double label_smoothing) {
+  std::tuple<at::Tensor, at::Tensor> out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = train_step_sgd(input, target, params, momentum_buffers, workspace, lr, momentum, dampening, weight_decay,
+                         nesterov, first_step, ignore_index, label_smoothing);
+  }
+  for (auto list : {params, momentum_buffers, workspace}) {
+    for (const auto& t : list) torch::autograd::increment_version(t);
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mnist_fast, Autograd, m) {
+  m.impl("train_step_sgd", TORCH_FN(train_step_sgd_autograd));
   m.impl("linear_relu", TORCH_FN(linear_relu_autograd));
   m.impl("cross_entropy_forward", TORCH_FN(cross_entropy_forward_autograd));
   m.impl("linear_relu_backward", TORCH_FN(linear_relu_backward_autograd));

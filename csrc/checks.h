@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <vector>
 
 #include "row_math.h"
 
@@ -140,6 +141,96 @@ inline TargetKind check_cross_entropy_backward_args(const at::Tensor& grad_loss,
                    ": expected logsumexp of dtype ", logsumexp_dtype(input.scalar_type()), ", got ",
                    logsumexp.scalar_type());
   return kind;
+}
+
+// ---- train_step_sgd ----
+// An MLP of L layers: params = [W_0, b_0, ..., W_{L-1}, b_{L-1}], W_l of shape (out_l, in_l), a ReLU
+// after every layer but the last, class logits out of the last.
+
+// The workspace of one step for a batch of `rows`, in order:
+//   [0, L)        the output of each layer (N, out_l); the last one holds the logits, then their grad
+//   [L, 2L - 1)   the grad of each hidden layer's output (N, out_l), masked in place by the ReLU
+//   [2L - 1, 4L - 1)  the grad of each parameter, shaped and ordered as params
+inline std::vector<std::vector<int64_t>> train_step_workspace_shapes(int64_t rows, at::TensorList params) {
+  const size_t layers = params.size() / 2;
+  std::vector<std::vector<int64_t>> shapes;
+  for (size_t l = 0; l < layers; ++l) shapes.push_back({rows, params[2 * l].size(0)});
+  for (size_t l = 0; l + 1 < layers; ++l) shapes.push_back({rows, params[2 * l].size(0)});
+  for (const auto& p : params) shapes.push_back(p.sizes().vec());
+  return shapes;
+}
+
+// Checks the layer chain of params against the input width; every parameter must be a contiguous
+// float32/float64 tensor with input's dtype and device (they are updated in place).
+inline void check_train_step_params(const at::Tensor& input, at::TensorList params, const char* op) {
+  TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
+                   ": expected float32 or float64 input, got ", input.scalar_type());
+  TORCH_CHECK_VALUE(input.dim() == 2, op, ": expected input of shape (N, in_features), got shape ", input.sizes());
+  TORCH_CHECK_VALUE(params.size() >= 2 && params.size() % 2 == 0, op,
+                    ": expected params [weight_0, bias_0, ..., weight_L-1, bias_L-1] (an even, non-zero count), got ",
+                    params.size(), " tensors");
+  int64_t features = input.size(1);
+  for (size_t l = 0; l < params.size() / 2; ++l) {
+    const auto& w = params[2 * l];
+    const auto& b = params[2 * l + 1];
+    check_same_kind(input, "input", w, "every weight", op);
+    check_same_kind(input, "input", b, "every bias", op);
+    TORCH_CHECK_VALUE(w.dim() == 2, op, ": expected weight ", l, " of shape (out_features, in_features), got shape ",
+                      w.sizes());
+    TORCH_CHECK_VALUE(w.size(1) == features, op, ": layer ", l, " expects ", w.size(1), " input features but ",
+                      l == 0 ? "the input has " : "the previous layer gives ", features,
+                      l == 0 ? " (input shape " : " (weight shape ", l == 0 ? input.sizes() : params[2 * l - 2].sizes(),
+                      ", weight ", l, " shape ", w.sizes(), ")");
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == w.size(0), op, ": expected bias ", l, " of shape (", w.size(0),
+                      ",), got shape ", b.sizes());
+    TORCH_CHECK(w.is_contiguous() && b.is_contiguous(), op, ": parameters of layer ", l,
+                " must be contiguous (they are updated in place)");
+    features = w.size(0);
+  }
+}
+
+inline void check_train_step_args(const at::Tensor& input, const at::Tensor& target, at::TensorList params,
+                                  at::TensorList momentum_buffers, at::TensorList workspace, double lr,
+                                  double momentum, double dampening, double weight_decay, bool nesterov,
+                                  double label_smoothing) {
+  constexpr const char* op = "mnist_fast.train_step_sgd";
+  check_train_step_params(input, params, op);
+  TORCH_CHECK(target.device() == input.device(), op, ": expected target on the same device as input (",
+              input.device(), "), got ", target.device());
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, op, ": expected class-index targets of dtype int64, got ",
+                   target.scalar_type());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == input.size(0), op, ": expected target of shape (",
+                    input.size(0), ",) (one class index per input row), got shape ", target.sizes());
+  // The same messages as torch.optim.SGD.
+  TORCH_CHECK_VALUE(lr >= 0.0, op, ": Invalid learning rate: ", lr);
+  TORCH_CHECK_VALUE(momentum >= 0.0, op, ": Invalid momentum value: ", momentum);
+  TORCH_CHECK_VALUE(weight_decay >= 0.0, op, ": Invalid weight_decay value: ", weight_decay);
+  TORCH_CHECK_VALUE(!nesterov || (momentum > 0.0 && dampening == 0.0), op,
+                    ": Nesterov momentum requires a momentum and zero dampening");
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
+                    ": label_smoothing must be between 0.0 and 1.0, got ", label_smoothing);
+  if (momentum == 0.0) {
+    TORCH_CHECK_VALUE(momentum_buffers.empty(), op, ": expected no momentum buffers when momentum is 0, got ",
+                      momentum_buffers.size());
+  } else {
+    TORCH_CHECK_VALUE(momentum_buffers.size() == params.size(), op, ": expected one momentum buffer per parameter (",
+                      params.size(), "), got ", momentum_buffers.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      check_same_kind(params[i], "its parameter", momentum_buffers[i], "every momentum buffer", op);
+      TORCH_CHECK_VALUE(momentum_buffers[i].sizes() == params[i].sizes() && momentum_buffers[i].is_contiguous(), op,
+                        ": expected momentum buffer ", i, " to be contiguous of shape ", params[i].sizes(), ", got ",
+                        momentum_buffers[i].sizes());
+    }
+  }
+  const auto shapes = train_step_workspace_shapes(input.size(0), params);
+  TORCH_CHECK_VALUE(workspace.size() == shapes.size(), op, ": expected a workspace of ", shapes.size(),
+                    " tensors for ", params.size() / 2, " layers, got ", workspace.size());
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    check_same_kind(input, "input", workspace[i], "every workspace tensor", op);
+    TORCH_CHECK_VALUE(workspace[i].sizes() == at::IntArrayRef(shapes[i]) && workspace[i].is_contiguous(), op,
+                      ": expected workspace tensor ", i, " to be contiguous of shape ", at::IntArrayRef(shapes[i]),
+                      ", got ", workspace[i].sizes(), " (allocate it with train_step_workspace for this batch size)");
+  }
 }
 
 }  // namespace mnist_fast

@@ -7,6 +7,7 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace mnist_fast {
 
@@ -39,5 +40,19 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_backward(const at::Tensor& grad
 // The loss alone: cross_entropy_forward(...)[0].
 at::Tensor cross_entropy(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                          int64_t reduction, int64_t ignore_index, double label_smoothing);
+
+// One SGD step of an MLP: forward, mean cross-entropy, backward and torch.optim.SGD's update of
+// params = [W_0, b_0, ..., W_{L-1}, b_{L-1}] (ReLU after every layer but the last) and of the
+// momentum buffers (empty when momentum is 0), in place. first_step: the buffers start as the
+// gradient. workspace: train_step_workspace(input, params). Returns (loss, number of rows whose
+// argmax is the target).
+std::tuple<at::Tensor, at::Tensor> train_step_sgd(const at::Tensor& input, const at::Tensor& target,
+                                                  at::TensorList params, at::TensorList momentum_buffers,
+                                                  at::TensorList workspace, double lr, double momentum,
+                                                  double dampening, double weight_decay, bool nesterov,
+                                                  bool first_step, int64_t ignore_index, double label_smoothing);
+
+// The workspace of train_step_sgd for input's batch size, dtype and device.
+std::vector<at::Tensor> train_step_workspace(const at::Tensor& input, at::TensorList params);
 
 }  // namespace mnist_fast

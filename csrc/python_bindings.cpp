@@ -12,6 +12,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cross_entropy", &mnist_fast::cross_entropy, "fused log-softmax + NLL of an (N, C) input",
         py::arg("input"), py::arg("target"), py::arg("weight"), py::arg("reduction"), py::arg("ignore_index"),
         py::arg("label_smoothing"));
+  m.def("train_step_sgd",
+        [](const at::Tensor& input, const at::Tensor& target, const std::vector<at::Tensor>& params,
+           const std::vector<at::Tensor>& momentum_buffers, const std::vector<at::Tensor>& workspace, double lr,
+           double momentum, double dampening, double weight_decay, bool nesterov, bool first_step,
+           int64_t ignore_index, double label_smoothing) {
+          return mnist_fast::train_step_sgd(input, target, params, momentum_buffers, workspace, lr, momentum,
+                                            dampening, weight_decay, nesterov, first_step, ignore_index,
+                                            label_smoothing);
+        },
+        "one SGD step of an MLP (forward, mean cross-entropy, backward, update) in place; returns (loss, correct)",
+        py::arg("input"), py::arg("target"), py::arg("params"), py::arg("momentum_buffers"), py::arg("workspace"),
+        py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
+        py::arg("first_step"), py::arg("ignore_index"), py::arg("label_smoothing"));
   m.def("cuda_compiled", []() {
 #ifdef MNIST_FAST_WITH_CUDA
     return true;

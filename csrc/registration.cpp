@@ -1,8 +1,10 @@
 // The one place where mnist_fast's operator schemas are declared, and the C++ entry points that
 // call them through the dispatcher. Backend kernels live in cpu/ and cuda/, autograd in autograd.cpp.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "ops.h"
 
 namespace mnist_fast {
@@ -50,6 +52,25 @@ at::Tensor cross_entropy(const at::Tensor& input, const at::Tensor& target, cons
   return std::get<0>(cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing));
 }
 
+std::tuple<at::Tensor, at::Tensor> train_step_sgd(const at::Tensor& input, const at::Tensor& target,
+                                                  at::TensorList params, at::TensorList momentum_buffers,
+                                                  at::TensorList workspace, double lr, double momentum,
+                                                  double dampening, double weight_decay, bool nesterov,
+                                                  bool first_step, int64_t ignore_index, double label_smoothing) {
+  MNIST_FAST_OP("train_step_sgd", decltype(train_step_sgd));
+  return op.call(input, target, params, momentum_buffers, workspace, lr, momentum, dampening, weight_decay,
+                 nesterov, first_step, ignore_index, label_smoothing);
+}
+
+std::vector<at::Tensor> train_step_workspace(const at::Tensor& input, at::TensorList params) {
+  check_train_step_params(input, params, "mnist_fast.train_step_workspace");
+  std::vector<at::Tensor> workspace;
+  for (const auto& shape : train_step_workspace_shapes(input.size(0), params)) {
+    workspace.push_back(at::empty(shape, input.options()));
+  }
+  return workspace;
+}
+
 #undef MNIST_FAST_OP
 
 TORCH_LIBRARY(mnist_fast, m) {
@@ -68,6 +89,15 @@ TORCH_LIBRARY(mnist_fast, m) {
       "cross_entropy(Tensor input, Tensor target, Tensor? weight, int reduction, int ignore_index,"
       " float label_smoothing) -> Tensor",
       TORCH_FN(cross_entropy));
+  // One SGD training step of an MLP (Linear+ReLU layers, a last Linear, mean cross-entropy):
+  // params [W_0, b_0, ...] and momentum_buffers (empty when momentum is 0) are updated in place as
+  // torch.optim.SGD would; workspace comes from train_step_workspace. Returns (loss, correct).
+  m.def(
+      "train_step_sgd(Tensor input, Tensor target, Tensor(a!)[] params, Tensor(b!)[] momentum_buffers,"
+      " Tensor(c!)[] workspace, float lr, float momentum, float dampening, float weight_decay, bool nesterov,"
+      " bool first_step, int ignore_index, float label_smoothing) -> (Tensor loss, Tensor correct)");
+  // The workspace train_step_sgd needs for input's batch size (layout in checks.h).
+  m.def("train_step_workspace(Tensor input, Tensor[] params) -> Tensor[]", TORCH_FN(train_step_workspace));
 }
 
 }  // namespace mnist_fast

@@ -173,5 +173,54 @@ MNIST_FAST_HOST_DEVICE acc_t prob_target_grad(acc_t neg_log_p, acc_t class_weigh
   return g * (o.smoothing ? o.on_target : acc_t(1)) * class_weight * neg_log_p;
 }
 
+// ---------------------------------------------------------------------------------------------
+// SGD update of one parameter element, in torch.optim.SGD's order of operations:
+//   g   = grad + weight_decay * param                        (when weight_decay != 0)
+//   buf = g on the first step, else momentum * buf + (1 - dampening) * g   (when momentum != 0)
+//   d   = g + momentum * buf if nesterov, else buf           (g when momentum == 0)
+//   param = param - lr * d
+
+template <typename acc_t>
+struct SgdOptions {
+  acc_t lr;
+  acc_t momentum;
+  acc_t one_minus_dampening;
+  acc_t weight_decay;
+  bool nesterov;
+  bool first_step;  // no momentum buffer yet: it starts as a copy of the gradient
+
+  MNIST_FAST_HOST_DEVICE SgdOptions(double lr_, double momentum_, double dampening, double weight_decay_,
+                                    bool nesterov_, bool first_step_)
+      : lr(acc_t(lr_)),
+        momentum(acc_t(momentum_)),
+        one_minus_dampening(acc_t(1.0 - dampening)),
+        weight_decay(acc_t(weight_decay_)),
+        nesterov(nesterov_),
+        first_step(first_step_) {}
+};
+
+// The decayed gradient g.
+template <typename acc_t>
+MNIST_FAST_HOST_DEVICE acc_t sgd_decayed_grad(acc_t grad, acc_t param, const SgdOptions<acc_t>& o) {
+  return o.weight_decay != acc_t(0) ? grad + o.weight_decay * param : grad;
+}
+
+// The new momentum buffer from the old one and g.
+template <typename acc_t>
+MNIST_FAST_HOST_DEVICE acc_t sgd_momentum_buffer(acc_t buf, acc_t g, const SgdOptions<acc_t>& o) {
+  return o.first_step ? g : buf * o.momentum + o.one_minus_dampening * g;
+}
+
+// The step direction d from g and the new buffer.
+template <typename acc_t>
+MNIST_FAST_HOST_DEVICE acc_t sgd_direction(acc_t g, acc_t buf, const SgdOptions<acc_t>& o) {
+  return o.nesterov ? g + o.momentum * buf : buf;
+}
+
+template <typename acc_t>
+MNIST_FAST_HOST_DEVICE acc_t sgd_param(acc_t param, acc_t direction, const SgdOptions<acc_t>& o) {
+  return param - o.lr * direction;
+}
+
 }  // namespace row_math
 }  // namespace mnist_fast

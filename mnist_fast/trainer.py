@@ -1,0 +1,243 @@
+"""FusedTrainer: a whole SGD training step of an MLP classifier in one fused op.
+
+    trainer = FusedTrainer(model, lr=0.01, momentum=0.9)
+    for images, labels in loader:
+        loss, correct = trainer.step(images, labels)
+
+One call runs the forward pass, the mean cross-entropy, the backward pass and torch.optim.SGD's
+update (momentum, dampening, weight decay, Nesterov) of every layer, on workspaces allocated once
+per batch size. It is the same mathematics as
+
+    loss = F.cross_entropy(model(images), labels); optimizer.zero_grad(); loss.backward(); optimizer.step()
+
+with `optimizer = torch.optim.SGD(model.parameters(), ...)`, and the model's Parameters are updated
+in place: they stay the single source of truth (model.state_dict(), checkpoints, evaluation with
+model(x) work as usual). Parameter .grad fields are neither read nor written.
+
+Supported models: MNISTNet, and nn.Sequential stacks (nested ones too) of LinearReLU, nn.Linear
+followed by nn.ReLU, nn.Identity and a leading nn.Flatten, ending in a plain nn.Linear that gives the
+logits; every layer with a bias; float32 or float64 parameters on one device. The CPU kernel is
+the tested one; the CUDA kernel (csrc/cuda/train_step.cu) compiles but has not run on a GPU yet.
+"""
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import _C
+from . import _trainer_ops  # noqa: F401  (fake kernels of the training-step ops)
+from .models import MNISTNet
+from .nn import LinearReLU
+
+__all__ = ["FusedTrainer"]
+
+_OPS = torch.ops.mnist_fast
+_SUPPORTED = ("FusedTrainer supports MNISTNet and nn.Sequential stacks of LinearReLU / nn.Linear + nn.ReLU "
+              "layers (nn.Identity and a leading nn.Flatten allowed) ending in a plain nn.Linear")
+
+
+def _flat_children(module: nn.Module, prefix: str) -> List[Tuple[str, nn.Module]]:
+    out = []
+    for name, child in module.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        if type(child) is nn.Sequential:
+            out.extend(_flat_children(child, path))
+        else:
+            out.append((path, child))
+    return out
+
+
+def _mlp_layers(model: nn.Module) -> List[nn.Linear]:
+    """The Linear layers of a supported MLP, in order (a ReLU after each but the last), or raise."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"FusedTrainer expects an nn.Module, got {type(model).__name__}")
+    if type(model) is MNISTNet:
+        children = _flat_children(model.hidden, "hidden") + [("output", model.output)]
+    elif type(model) is nn.Sequential:
+        children = _flat_children(model, "")
+    else:
+        raise ValueError(f"{_SUPPORTED}; got {type(model).__name__}")
+
+    layers, relu_after = [], []
+    i = 0
+    while i < len(children):
+        name, child = children[i]
+        nxt = children[i + 1][1] if i + 1 < len(children) else None
+        if type(child) is nn.Identity:
+            i += 1
+        elif type(child) is nn.Flatten and not layers and child.start_dim == 1 and child.end_dim == -1:
+            i += 1
+        elif type(child) is LinearReLU:
+            layers.append((name, child))
+            relu_after.append(True)
+            i += 1
+        elif type(child) is nn.Linear and type(nxt) is nn.ReLU:
+            layers.append((name, child))
+            relu_after.append(True)
+            i += 2
+        elif type(child) is nn.Linear:
+            layers.append((name, child))
+            relu_after.append(False)
+            i += 1
+        else:
+            raise ValueError(f"{_SUPPORTED}; got {type(child).__name__} at '{name}'")
+    if not layers:
+        raise ValueError(f"{_SUPPORTED}; the model has no Linear layer")
+    for (name, _), relu in zip(layers[:-1], relu_after[:-1]):
+        if not relu:
+            raise ValueError(f"{_SUPPORTED}; layer '{name}' is a Linear without a ReLU in the middle of the stack")
+    if relu_after[-1]:
+        raise ValueError(f"{_SUPPORTED}; the last layer '{layers[-1][0]}' must be a plain nn.Linear giving the "
+                         "logits, not a Linear+ReLU")
+    for name, layer in layers:
+        if layer.bias is None:
+            raise ValueError(f"FusedTrainer: layer '{name}' has no bias; layers without bias are not supported")
+    return [layer for _, layer in layers]
+
+
+class FusedTrainer:
+    """SGD training of an MLP classifier with the whole step in one fused op.
+
+    Arguments as torch.optim.SGD (lr, momentum, dampening, weight_decay, nesterov), plus the loss's
+    ignore_index and label_smoothing as in nn.CrossEntropyLoss (mean reduction, class-index targets).
+    The hyper-parameters are plain attributes and may be changed between steps (a learning-rate
+    schedule assigns trainer.lr).
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, ignore_index: int = -100,
+                 label_smoothing: float = 0.0):
+        layers = _mlp_layers(model)
+        self.model = model
+        self._params: List[nn.Parameter] = []
+        for layer in layers:
+            self._params += [layer.weight, layer.bias]
+        first = self._params[0]
+        if first.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"FusedTrainer: parameters must be float32 or float64, got {first.dtype}")
+        if first.device.type == "cuda" and not _C.cuda_compiled():
+            raise ValueError("FusedTrainer: this build of mnist_fast has no CUDA kernels")
+        if first.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"FusedTrainer: CPU and CUDA models are supported, got {first.device}")
+        for p in self._params:
+            if p.dtype != first.dtype or p.device != first.device:
+                raise ValueError("FusedTrainer: every parameter must have the same dtype and device, got "
+                                 f"{p.dtype} on {p.device} and {first.dtype} on {first.device}")
+            if not p.is_contiguous():
+                raise ValueError("FusedTrainer: parameters must be contiguous (they are updated in place)")
+        # Index of each of our parameters in model.parameters(): the numbering of an SGD state_dict.
+        model_index = {id(p): i for i, p in enumerate(model.parameters())}
+        if len(model_index) != len(self._params) or any(id(p) not in model_index for p in self._params):
+            raise ValueError("FusedTrainer: the model has parameters outside its Linear layers (or shares one "
+                             "between layers), which the fused step would not train")
+        self._model_index = [model_index[id(p)] for p in self._params]
+        self._check_hyper(lr, momentum, dampening, weight_decay, nesterov)
+        self.lr, self.momentum, self.dampening = float(lr), float(momentum), float(dampening)
+        self.weight_decay, self.nesterov = float(weight_decay), bool(nesterov)
+        self.ignore_index, self.label_smoothing = int(ignore_index), float(label_smoothing)
+        self._buffers: Optional[List[Tensor]] = None  # momentum buffers, None until the first momentum step
+        self._workspaces: Dict[Tuple, List[Tensor]] = {}
+
+    @staticmethod
+    def _check_hyper(lr, momentum, dampening, weight_decay, nesterov):
+        # torch.optim.SGD's checks and messages.
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+    def _workspace(self, x: Tensor) -> List[Tensor]:
+        key = (x.shape[0], x.dtype, x.device)
+        ws = self._workspaces.get(key)
+        if ws is None:
+            if len(self._workspaces) >= 4:  # batch sizes come and go (the last batch of an epoch)
+                self._workspaces.clear()
+            ws = self._workspaces[key] = _OPS.train_step_workspace.default(x, self._params)
+        return ws
+
+    def step(self, images: Tensor, labels: Tensor) -> Tuple[Tensor, int]:
+        """One training step on a batch; returns (mean loss as a 0-d tensor, number of correct predictions).
+
+        images: (N, ...) flattened to (N, in_features); labels: (N,) int64 class indices.
+        """
+        if images.dim() < 2:
+            raise ValueError(f"FusedTrainer.step: expected images of shape (N, ...) with N samples, got shape "
+                             f"{tuple(images.shape)}")
+        x = images.flatten(1)
+        first_step = False
+        buffers: List[Tensor] = []
+        if self.momentum != 0.0:
+            buffers = self._buffers
+            if buffers is None:  # the first momentum step: the op sets buffer = gradient
+                buffers = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in self._params]
+                first_step = True
+        # Eager: the pybind11 entry point (about 5 us less per call than torch.ops); traced: the op.
+        call = _OPS.train_step_sgd.default if torch.compiler.is_compiling() else _C.train_step_sgd
+        loss, correct = call(
+            x, labels, self._params, buffers, self._workspace(x), self.lr, self.momentum, self.dampening,
+            self.weight_decay, self.nesterov, first_step, self.ignore_index, self.label_smoothing)
+        if first_step:  # only once the step went through: a rejected batch leaves no state behind
+            self._buffers = buffers
+        return loss, int(correct)
+
+    def _group(self) -> Dict[str, Any]:
+        return {"lr": self.lr, "momentum": self.momentum, "dampening": self.dampening,
+                "weight_decay": self.weight_decay, "nesterov": self.nesterov, "maximize": False, "foreach": None,
+                "differentiable": False, "fused": None, "params": list(range(len(self._params)))}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The optimizer state in torch.optim.SGD's format, parameters numbered as in model.parameters():
+        torch.optim.SGD(model.parameters()).load_state_dict(trainer.state_dict()) continues the same run.
+        As with SGD, the momentum buffers are returned by reference, not copied."""
+        state = {}
+        if self._buffers is not None:
+            for k, buf in enumerate(self._buffers):
+                state[self._model_index[k]] = {"momentum_buffer": buf}
+        return {"state": state, "param_groups": [self._group()]}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restores hyper-parameters and momentum buffers from FusedTrainer.state_dict() or from a
+        torch.optim.SGD(model.parameters()) state_dict (one parameter group)."""
+        groups = state_dict["param_groups"]
+        if len(groups) != 1:
+            raise ValueError(f"FusedTrainer.load_state_dict: expected one parameter group, got {len(groups)}")
+        group = groups[0]
+        ids = list(group["params"])
+        if len(ids) != len(self._params):
+            raise ValueError(f"FusedTrainer.load_state_dict: the state has {len(ids)} parameters, the model "
+                             f"{len(self._params)}")
+        if group.get("maximize", False):
+            raise ValueError("FusedTrainer.load_state_dict: maximize=True is not supported")
+        hyper = [group.get(k, d) for k, d in
+                 (("lr", 1e-3), ("momentum", 0.0), ("dampening", 0.0), ("weight_decay", 0.0), ("nesterov", False))]
+        hyper = [float(h) if isinstance(h, Tensor) else h for h in hyper]
+        self._check_hyper(*hyper)
+        # Parameter number ids[pos] of the saved state is model.parameters()[pos].
+        saved = state_dict["state"]
+        buffers = []
+        for k, p in enumerate(self._params):
+            entry = saved.get(ids[self._model_index[k]], {})
+            buf = entry.get("momentum_buffer")
+            if buf is not None and buf.shape != p.shape:
+                raise ValueError(f"FusedTrainer.load_state_dict: momentum buffer of shape {tuple(buf.shape)} for a "
+                                 f"parameter of shape {tuple(p.shape)}")
+            buffers.append(buf)
+        have = [b is not None for b in buffers]
+        if any(have) and not all(have):
+            raise ValueError("FusedTrainer.load_state_dict: momentum buffers for only some of the parameters")
+        self.lr, self.momentum, self.dampening, self.weight_decay = (float(h) for h in hyper[:4])
+        self.nesterov = bool(hyper[4])
+        if all(have):
+            self._buffers = [b.detach().to(dtype=p.dtype, device=p.device, copy=True).contiguous()
+                             for b, p in zip(buffers, self._params)]
+        else:
+            self._buffers = None
+
+    def __repr__(self) -> str:
+        sizes = [self._params[0].shape[1]] + [w.shape[0] for w in self._params[::2]]
+        return (f"FusedTrainer({'-'.join(map(str, sizes))}, lr={self.lr}, momentum={self.momentum}, "
+                f"dampening={self.dampening}, weight_decay={self.weight_decay}, nesterov={self.nesterov})")
