@@ -7,6 +7,8 @@
     loss = MF.cross_entropy(logits, target)       # == F.cross_entropy(logits, target)
     model = mnist_fast.fuse(stock_sequential)     # Linear -> ReLU pairs become LinearReLU
     net = mnist_fast.models.MNISTNet()            # 784-128-64-10 from the fused layers
+    trainer = mnist_fast.FusedTrainer(net, lr=0.01, momentum=0.9)
+    loss, correct = trainer.step(images, labels)  # forward, loss, backward and SGD update: one op
 
 The compiled operators are registered with PyTorch as torch.ops.mnist_fast.*.
 """
@@ -16,10 +18,11 @@ from . import _C  # registers torch.ops.mnist_fast.*
 from . import _ops  # noqa: F401  (fake kernels for torch.compile and opcheck)
 from . import functional, models, nn
 from .nn import CrossEntropyLoss, LinearReLU, fuse
+from .trainer import FusedTrainer
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "nn", "models", "LinearReLU", "CrossEntropyLoss", "fuse", "cuda_compiled"]
+__all__ = ["functional", "nn", "models", "LinearReLU", "CrossEntropyLoss", "fuse", "FusedTrainer", "cuda_compiled"]
 
 
 def cuda_compiled() -> bool:

@@ -4,6 +4,7 @@
     python -m mnist_fast.train --dataset fashion-mnist --plot curves.png --show 8
     python -m mnist_fast.train --lr 0.003 --momentum 0 --schedule constant --epochs 5   # the lesson's recipe
     python -m mnist_fast.train --backend stock                   # nn.Sequential + LogSoftmax + NLLLoss
+    python -m mnist_fast.train --backend fused-step              # the whole SGD step as one fused op
     python -m mnist_fast.train --checkpoint run.pt               # ... then after a kill, add --resume
     torchrun --nproc_per_node=2 -m mnist_fast.train              # DistributedDataParallel
 
@@ -52,6 +53,7 @@ from . import _C
 from . import data as mnist_data
 from .models import MNISTNet
 from .nn import CrossEntropyLoss
+from .trainer import FusedTrainer
 
 __all__ = ["main", "train", "parse_args", "build_model", "TrainResult", "CheckpointError",
            "save_checkpoint", "load_checkpoint"]
@@ -116,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--momentum", type=float, default=None, help=f"SGD momentum (default: {DEFAULT_MOMENTUM}; the lesson used 0)")
     add("--schedule", choices=("cosine", "constant"), default="cosine",
         help="learning rate per epoch; cosine (default) decays from --lr towards 0 over --epochs")
-    add("--backend", choices=("fused", "stock"), default="fused",
-        help="fused (default): mnist_fast's MNISTNet + CrossEntropyLoss; "
+    add("--backend", choices=("fused", "fused-step", "stock"), default="fused",
+        help="fused (default): mnist_fast's MNISTNet + CrossEntropyLoss; fused-step: the same model "
+             "trained by mnist_fast.FusedTrainer (forward, loss, backward and SGD update in one op); "
              "stock: the lesson's nn.Sequential + LogSoftmax + NLLLoss")
     add("--loader", choices=("tensor", "dataloader"), default="tensor",
         help="tensor (default): batches cut from whole tensors; "
@@ -157,9 +160,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--device cuda: CUDA is not available here (torch.cuda.is_available() is False); "
                      "use --device cpu")
     uses_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if uses_cuda and args.backend == "fused" and not _C.cuda_compiled():
+    if uses_cuda and args.backend != "stock" and not _C.cuda_compiled():
         parser.error("this build of mnist_fast has no CUDA kernels: rebuild it where nvcc is found, "
                      "or pass --device cpu or --backend stock")
+    if args.backend == "fused-step":
+        if args.optimizer != "sgd":
+            parser.error("--backend fused-step runs SGD; use --optimizer sgd (or --backend fused for adam)")
+        if args.compile:
+            parser.error("--backend fused-step is already one op per step; drop --compile")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            parser.error("--backend fused-step has no gradient all-reduce; use --backend fused under torchrun")
     if args.show > MAX_SHOW:
         parser.error(f"--show: at most {MAX_SHOW} images, got {args.show}")
     if (args.plot or args.show) and importlib.util.find_spec("matplotlib") is None:
@@ -179,7 +189,7 @@ def build_model(backend: str):
     """(model, criterion) of a backend. Both models produce outputs whose argmax is the class and
     whose softmax gives the class probabilities (logits for fused, log-probabilities for stock), and
     both are built in the same order, so one seed gives both the same initial weights."""
-    if backend == "fused":
+    if backend in ("fused", "fused-step"):
         return MNISTNet(), CrossEntropyLoss()
     if backend == "stock":
         model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
@@ -442,6 +452,25 @@ def evaluate(model: nn.Module, criterion: nn.Module, split: mnist_data.Split):
     return loss_sum.item() / count, correct.item() / count
 
 
+def set_learning_rate(optimizer, lr: float) -> None:
+    if isinstance(optimizer, FusedTrainer):
+        optimizer.lr = lr
+    else:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+
+def _train_step(model, criterion, optimizer, images, labels):
+    """One optimization step; returns the batch's mean loss."""
+    if isinstance(optimizer, FusedTrainer):
+        return optimizer.step(images, labels)[0]
+    optimizer.zero_grad(set_to_none=True)
+    loss = criterion(model(images.flatten(1)), labels)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def _train_epoch(model, criterion, optimizer, batches, device, progress):
     """One pass over this rank's batches; returns (sum of sample losses, samples seen)."""
     model.train()
@@ -449,10 +478,7 @@ def _train_epoch(model, criterion, optimizer, batches, device, progress):
     seen = 0
     for step, (images, labels) in enumerate(batches):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        loss = criterion(model(images.flatten(1)), labels)
-        loss.backward()
-        optimizer.step()
+        loss = _train_step(model, criterion, optimizer, images, labels)
         count = labels.shape[0]
         # Accumulate on the device: no host sync per step (.item() would stall a GPU).
         loss_sum.add_(loss.detach(), alpha=count)
@@ -503,7 +529,10 @@ def _train(args, env: _Distributed) -> TrainResult:
     torch.manual_seed(args.seed)
     model, criterion = build_model(args.backend)
     model.to(device)
-    optimizer = build_optimizer(args, model.parameters())
+    if args.backend == "fused-step":
+        optimizer = FusedTrainer(model, lr=args.lr, momentum=args.momentum)
+    else:
+        optimizer = build_optimizer(args, model.parameters())
     options = _run_options(args, env.world_size)
 
     history: List[dict] = []
@@ -527,8 +556,7 @@ def _train(args, env: _Distributed) -> TrainResult:
 
     for epoch in range(start_epoch, args.epochs):
         batches.set_epoch(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(args, epoch)
+        set_learning_rate(optimizer, learning_rate(args, epoch))
         progress = tqdm(total=batches.num_samples,
                         desc=f"epoch {epoch + 1}/{args.epochs}", unit="img", unit_scale=True, leave=False,
                         disable=None if env.rank == 0 else True, dynamic_ncols=True)

@@ -79,6 +79,8 @@ def test_defaults():
     (["--backend", "apex"], "argument --backend: invalid choice"),
     (["--limit", "x"], "argument --limit: expected a positive integer, got x"),
     (["--show", "51"], "--show: at most 50 images, got 51"),
+    (["--backend", "fused-step", "--optimizer", "adam"], "--backend fused-step runs SGD"),
+    (["--backend", "fused-step", "--compile"], "drop --compile"),
 ])
 def test_argument_errors(capsys, argv, message):
     with pytest.raises(SystemExit) as info:
@@ -130,6 +132,25 @@ def test_fused_and_stock_backends_train_alike(data_dir):
     for f, s in zip(fused, stock):  # same initial weights, same batches: the same run up to rounding
         assert f["train_loss"] == pytest.approx(s["train_loss"], rel=1e-4)
         assert f["test_accuracy"] == pytest.approx(s["test_accuracy"], abs=0.05)
+
+
+def test_fused_step_backend_trains_like_the_fused_backend(data_dir):
+    # FusedTrainer does SGD's mathematics in one op: the same run as model + loss + torch.optim.SGD.
+    def history(backend):
+        args = parse_args(["--data-dir", str(data_dir), "--no-download", "--epochs", "2", "--backend", backend])
+        return train.train(args).history
+
+    fused, step = history("fused"), history("fused-step")
+    for f, s in zip(fused, step):
+        assert s["train_loss"] == pytest.approx(f["train_loss"], rel=1e-4)
+        assert s["test_accuracy"] == pytest.approx(f["test_accuracy"], abs=0.02)
+
+
+def test_fused_step_is_refused_under_torchrun(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        parse_args(["--backend", "fused-step"])
+    assert "no gradient all-reduce" in capsys.readouterr().err
 
 
 def test_lesson_dataloader_path_runs(run, capsys):
@@ -197,6 +218,7 @@ def _interrupt_after(monkeypatch, epochs):
 @pytest.mark.parametrize("options", [
     (),
     ("--optimizer", "adam", "--schedule", "constant"),
+    ("--backend", "fused-step"),
 ])
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(run, tmp_path, monkeypatch, capsys, options):
     straight, resumed = tmp_path / "straight.pt", tmp_path / "resumed.pt"
