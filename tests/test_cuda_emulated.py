@@ -48,6 +48,7 @@ WRAPPER = """\
 #include <cmath>
 #include "{header}"
 #include "{checks}"
+#include "{linear_relu_impl}"
 #include "{source}"
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {{
   mnist_fast::emu_register(m);
@@ -70,7 +71,7 @@ def _split_top_level(text):
 
 
 def emulated_source(cu_text):
-    """A .cu file rewritten for the emulator: no includes, launches as emu::launch, the
+    """A .cu file rewritten for the emulator: no includes (WRAPPER includes the project headers), launches as emu::launch, the
     TORCH_LIBRARY_IMPL block as a function that registers the kernels with pybind11."""
     text = "\n".join(line for line in cu_text.split("\n") if not line.startswith("#include"))
     text = text.replace("TORCH_LIBRARY_IMPL(mnist_fast, CUDA, m)", "void emu_register(pybind11::module_& m)")
@@ -114,7 +115,8 @@ def _build(name):
     source = directory / f"{name}.inc"
     _write_if_changed(source, emulated_source((ROOT / "csrc" / "cuda" / f"{name}.cu").read_text()))
     wrapper = directory / f"{name}_emu.cpp"
-    _write_if_changed(wrapper, WRAPPER.format(header=EMU_HEADER, checks=ROOT / "csrc" / "checks.h", source=source))
+    _write_if_changed(wrapper, WRAPPER.format(header=EMU_HEADER, checks=ROOT / "csrc" / "checks.h",
+                                                  linear_relu_impl=ROOT / "csrc" / "linear_relu_impl.h", source=source))
     return load(name=f"mnist_fast_emu_{name}", sources=[str(wrapper)], build_directory=str(directory),
                 extra_cflags=["-O1", "-std=c++20"], verbose=False)
 

@@ -4,7 +4,8 @@
 // output. Backward: one kernel masks the incoming grad by the saved ReLU output and reduces the
 // bias grad, then the two GEMMs run on the masked grad; a GEMM whose result is not needed is skipped.
 //
-// The per-element formulas are row_math::bias_relu / relu_grad, the ones the CPU kernels use.
+// The per-element formulas are row_math::bias_relu / relu_grad, the ones the CPU kernels use; the
+// orchestration (checks, GEMMs, order of passes) is linear_relu_impl.h, shared with the CPU.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -18,6 +19,7 @@
 #include <algorithm>
 
 #include "../checks.h"
+#include "../linear_relu_impl.h"
 
 namespace mnist_fast {
 namespace {
@@ -71,20 +73,9 @@ void bias_relu_inplace(at::Tensor& out, const std::optional<at::Tensor>& bias) {
   });
 }
 
-// (*, features) as (rows, features). reshape({-1, features}) cannot infer rows when features == 0.
-at::Tensor as_rows(const at::Tensor& t) {
-  const auto sizes = t.sizes();
-  return t.reshape({c10::multiply_integers(sizes.begin(), sizes.end() - 1), sizes.back()});
-}
-
 at::Tensor linear_relu_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  check_linear_relu_args(input, weight, bias);
   const c10::cuda::CUDAGuard guard(input.device());
-  auto out = at::mm(as_rows(input), weight.t());
-  bias_relu_inplace(out, bias);
-  auto shape = input.sizes().vec();
-  shape.back() = weight.size(0);
-  return out.view(shape);
+  return linear_relu_forward_impl(input, weight, bias, bias_relu_inplace);
 }
 
 // ---- backward: ReLU mask and bias grad ----
@@ -182,18 +173,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(const a
                                                                          const at::Tensor& weight,
                                                                          const at::Tensor& output,
                                                                          std::array<bool, 3> output_mask) {
-  check_linear_relu_backward_args(grad_output, input, weight, output);
-  at::Tensor grad_input, grad_weight, grad_bias;
-  if (!output_mask[0] && !output_mask[1] && !output_mask[2]) return {grad_input, grad_weight, grad_bias};
   const c10::cuda::CUDAGuard guard(input.device());
-  const int64_t out_features = weight.size(0);
-  const auto output2d = as_rows(output).contiguous();
-  auto grad_pre = at::empty_like(output2d);
-  if (output_mask[2]) grad_bias = at::empty({out_features}, output.options());
-  mask_grad(as_rows(grad_output), output2d, grad_pre, grad_bias);
-  if (output_mask[0]) grad_input = at::mm(grad_pre, weight).view(input.sizes());
-  if (output_mask[1]) grad_weight = at::mm(grad_pre.t(), as_rows(input));
-  return {grad_input, grad_weight, grad_bias};
+  return linear_relu_backward_impl(grad_output, input, weight, output, output_mask, mask_grad);
 }
 
 }  // namespace
