@@ -16,6 +16,15 @@ def test_train_step(benchmark, impl, batch, dtype):
     benchmark(run)
 
 
+@pytest.mark.parametrize("impl", ["fused_step"])
+@pytest.mark.parametrize("batch", [1, 64, 256, 1024, 4096])
+def test_train_step_fused_trainer(benchmark, impl, batch):
+    """The whole step as one op (mnist_fast.FusedTrainer), in the float32 train-step group."""
+    run = warm(bench.make_train_step(impl, batch))
+    benchmark.group = f"train step batch {batch} float32"
+    benchmark(run)
+
+
 def test_train_step_gemms(benchmark, batch, dtype):
     """The step's eight GEMMs alone, in the train-step group: the floor no per-op fusion removes."""
     run = warm(bench.make_step_gemms(batch, dtype))
@@ -24,7 +33,7 @@ def test_train_step_gemms(benchmark, batch, dtype):
     benchmark(run)
 
 
-@pytest.mark.parametrize("impl", ["ours", "stock"])
+@pytest.mark.parametrize("impl", ["ours", "stock", "fused_step"])
 def test_epoch(benchmark, impl, epoch_samples):
     run = bench.make_epoch(impl, epoch_samples)
     benchmark.group = f"epoch {epoch_samples} samples in memory, batch 64 float32"

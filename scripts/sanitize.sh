@@ -23,7 +23,7 @@ fi
 if [ $# -eq 0 ]; then
   # torch.compile tests are left out: they spend minutes in the compiler, not in our kernels.
   set -- tests/test_linear_relu.py tests/test_cross_entropy.py tests/test_properties.py tests/test_nn.py \
-    tests/test_bad_inputs.py -k "not torch_compile"
+    tests/test_bad_inputs.py tests/test_trainer.py -k "not torch_compile"
 fi
 # The interpreter is not instrumented: preload the runtimes; CPython's own allocations are not leaks.
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"

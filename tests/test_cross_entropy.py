@@ -158,8 +158,9 @@ def test_custom_ignore_index(device):
 def test_legacy_size_average_and_reduce(device):
     x = torch.randn(5, 3, device=device, requires_grad=True)
     t = torch.randint(0, 3, (5,), device=device)
-    check_parity(x, t, torch.float32, size_average=False)
-    check_parity(x, t, torch.float32, reduce=False)
+    with pytest.warns(UserWarning, match="size_average and reduce args will be deprecated"):
+        check_parity(x, t, torch.float32, size_average=False)
+        check_parity(x, t, torch.float32, reduce=False)
 
 
 def test_reduced_loss_is_identical_for_any_thread_count():
