@@ -32,9 +32,23 @@ def env_flag(name):
     return value == "1"
 
 
+def find_cuda_home():
+    """The CUDA toolkit: CUDA_HOME/CUDA_PATH, else what torch found, else /usr/local/cuda; only a
+    folder that holds the toolkit counts (torch takes /usr/local for a /usr/local/bin/nvcc wrapper
+    script, and then cannot find libcudart)."""
+    candidates = (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME, "/usr/local/cuda")
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
 def want_cuda():
     forced = env_flag("MNIST_FAST_CUDA")
-    available = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    cuda_home = find_cuda_home()
+    if cuda_home:  # torch's build helpers read this module global for nvcc and the library paths
+        os.environ["CUDA_HOME"] = cpp_extension.CUDA_HOME = cuda_home
+    available = torch.version.cuda is not None and cuda_home is not None
     if forced and not available:
         raise SystemExit(
             "MNIST_FAST_CUDA=1 but CUDA cannot be compiled here: "
