@@ -73,20 +73,28 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
   }
 };
 
+// Whether autograd records a graph for an op on these tensors.
+template <typename... Tensors>
+bool records_graph(const Tensors&... tensors) {
+  return at::GradMode::is_enabled() && (... || (tensors.defined() && tensors.requires_grad()));
+}
+
 // The backward ops have no derivative of their own. Called with inputs that require grad while
 // grad mode is on (backward(create_graph=True), gradgradcheck) they raise instead of returning a
 // result whose gradient would silently be wrong.
 template <typename... Tensors>
 void forbid_double_backward(const char* op, const Tensors&... tensors) {
-  if (!at::GradMode::is_enabled()) return;
-  const bool requires_grad = (... || (tensors.defined() && tensors.requires_grad()));
-  TORCH_CHECK(!requires_grad, "mnist_fast: double backward of ", op,
+  TORCH_CHECK(!records_graph(tensors...), "mnist_fast: double backward of ", op,
               " is not supported (backward was called with create_graph=True); use stock "
               "torch.nn.functional for higher-order gradients");
 }
 
 at::Tensor linear_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias) {
+  if (!records_graph(input, weight, bias.value_or(at::Tensor()))) {  // evaluation: no node to build
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return linear_relu(input, weight, bias);
+  }
   return LinearReLUFunction::apply(input, weight, bias);
 }
 
@@ -94,6 +102,10 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_autograd(const at::Tens
                                                                   const std::optional<at::Tensor>& weight,
                                                                   int64_t reduction, int64_t ignore_index,
                                                                   double label_smoothing) {
+  if (!records_graph(input, target, weight.value_or(at::Tensor()))) {  // evaluation: no node to build
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing);
+  }
   auto out = CrossEntropyFunction::apply(input, target, weight, reduction, ignore_index, label_smoothing);
   return {out[0], out[1]};
 }
