@@ -241,7 +241,9 @@ class Batches:
             order = torch.arange(n)
         if self.world_size > 1:
             padding = self.num_samples * self.world_size - n
-            order = torch.cat([order, order[:padding]])[self.rank::self.world_size]
+            # Wrap around as often as needed, so every rank gets num_samples (DDP needs equal step
+            # counts), even when there are fewer samples than ranks.
+            order = order.repeat(math.ceil((n + padding) / max(n, 1)))[:n + padding][self.rank::self.world_size]
         return order
 
     def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:

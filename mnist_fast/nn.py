@@ -29,6 +29,7 @@ class LinearReLU(nn.Linear):
         fused.in_features, fused.out_features = linear.in_features, linear.out_features
         fused.weight = linear.weight
         fused.bias = linear.bias
+        fused.train(linear.training)
         return fused
 
 
@@ -51,13 +52,14 @@ def _fused_sequential(seq: nn.Sequential) -> nn.Sequential:
     # fused model keeps the stock model's state_dict keys.
     children = list(seq.named_children())
     out = nn.Sequential()
+    out.train(seq.training)
     i = 0
     while i < len(children):
         name, child = children[i]
         nxt = children[i + 1][1] if i + 1 < len(children) else None
         if type(child) is nn.Linear and type(nxt) is nn.ReLU:
             out.add_module(name, LinearReLU.from_linear(child))
-            out.add_module(children[i + 1][0], nn.Identity())
+            out.add_module(children[i + 1][0], nn.Identity().train(seq.training))
             i += 2
             continue
         out.add_module(name, _fuse(child))
@@ -78,7 +80,9 @@ def _fuse(module: nn.Module) -> nn.Module:
 def fuse(module: nn.Module) -> nn.Module:
     """Return a model in which each nn.Linear directly followed by nn.ReLU inside an nn.Sequential
     is one LinearReLU sharing the same Parameters. The input model is not modified; everything
-    else, Parameters and buffers included, is shared with it, and state_dict keys are unchanged."""
+    else, Parameters and buffers included, is shared with it, and state_dict keys are unchanged.
+    Train/eval mode is kept; hooks registered on the rebuilt Sequentials and on the fused Linear and
+    ReLU modules are not carried over."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"fuse expects an nn.Module, got {type(module).__name__}")
     return _fuse(module)

@@ -412,6 +412,9 @@ def _prepare_output_folders(args) -> None:
     """Create the folders of the files this run will write, and check they are writable, before
     training rather than after it: a typo in --plot should not cost a finished run."""
     outputs = [args.checkpoint, args.plot, args.metrics, args.show_file if args.show else None]
+    for path in outputs:
+        if path is not None and Path(path).is_dir():
+            raise IsADirectoryError(f"{path} is a folder; give a file name")
     for folder in {Path(path).parent for path in outputs if path is not None}:
         folder.mkdir(parents=True, exist_ok=True)
         if not os.access(folder, os.W_OK):

@@ -125,6 +125,9 @@ class FusedTrainer:
                                  f"{p.dtype} on {p.device} and {first.dtype} on {first.device}")
             if not p.is_contiguous():
                 raise ValueError("FusedTrainer: parameters must be contiguous (they are updated in place)")
+            if not p.requires_grad:
+                raise ValueError("FusedTrainer: every parameter of the model is updated, but one has "
+                                 "requires_grad=False (a frozen layer); train such a model with torch.optim.SGD")
         # Index of each of our parameters in model.parameters(): the numbering of an SGD state_dict.
         model_index = {id(p): i for i, p in enumerate(model.parameters())}
         if len(model_index) != len(self._params) or any(id(p) not in model_index for p in self._params):
@@ -156,11 +159,13 @@ class FusedTrainer:
         if ws is None:
             if len(self._workspaces) >= 4:  # batch sizes come and go (the last batch of an epoch)
                 self._workspaces.clear()
-            ws = self._workspaces[key] = _OPS.train_step_workspace.default(x, self._params)
+            with torch.inference_mode(False):  # a later step outside inference mode writes to them
+                ws = self._workspaces[key] = _OPS.train_step_workspace.default(x, self._params)
         return ws
 
     def step(self, images: Tensor, labels: Tensor) -> Tuple[Tensor, int]:
-        """One training step on a batch; returns (mean loss as a 0-d tensor, number of correct predictions).
+        """One training step on a batch; returns (mean loss as a 0-d tensor, number of correct predictions
+        among the rows that are not ignored).
 
         images: (N, ...) flattened to (N, in_features); labels: (N,) int64 class indices.
         """
@@ -168,13 +173,23 @@ class FusedTrainer:
             raise ValueError(f"FusedTrainer.step: expected images of shape (N, ...) with N samples, got shape "
                              f"{tuple(images.shape)}")
         x = images.flatten(1)
+        first = self._params[0]
+        if x.dtype != first.dtype or x.device != first.device:
+            raise TypeError(f"FusedTrainer.step: expected images of the parameters' dtype and device ({first.dtype} "
+                            f"on {first.device}), got {x.dtype} on {x.device}")
+        if labels.dtype == torch.uint8:  # as F.cross_entropy, which also takes uint8 class indices
+            labels = labels.long()
         first_step = False
         buffers: List[Tensor] = []
         if self.momentum != 0.0:
             buffers = self._buffers
             if buffers is None:  # the first momentum step: the op sets buffer = gradient
-                buffers = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in self._params]
+                with torch.inference_mode(False):
+                    buffers = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in self._params]
                 first_step = True
+            elif any(b.dtype != p.dtype or b.device != p.device for b, p in zip(buffers, self._params)):
+                # The model was moved or cast (model.double()): keep the state, as torch.optim.SGD does.
+                buffers = self._buffers = [b.to(p) for b, p in zip(buffers, self._params)]
         # Eager: the pybind11 entry point (about 5 us less per call than torch.ops); traced: the op.
         call = _OPS.train_step_sgd.default if torch.compiler.is_compiling() else _C.train_step_sgd
         loss, correct = call(

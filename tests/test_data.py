@@ -275,3 +275,11 @@ def test_lesson_pipeline_yields_the_same_samples():
     assert len(lesson) == 3 and lesson.num_samples == 10
     torch.testing.assert_close(torch.cat(got_images), images, rtol=0, atol=1e-6)
     assert torch.cat(got_labels).tolist() == list(range(10))
+
+
+def test_shards_stay_equal_when_there_are_fewer_samples_than_ranks():
+    # DDP needs the same number of steps on every rank.
+    split = data.Split(images=torch.zeros(1, 1, 28, 28), labels=torch.zeros(1, dtype=torch.long))
+    counts = [len(list(data.Batches(split, 4, rank=r, world_size=3))) for r in range(3)]
+    lengths = [len(data.Batches(split, 4, rank=r, world_size=3)) for r in range(3)]
+    assert counts == lengths == [1, 1, 1]

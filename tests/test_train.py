@@ -166,6 +166,13 @@ def test_unwritable_output_fails_before_training(run, tmp_path, capsys):
     assert "error:" in captured.err and "a-file" in captured.err and "epoch" not in captured.out
 
 
+@pytest.mark.parametrize("option", ["--metrics", "--checkpoint", "--plot"])
+def test_an_output_that_is_a_folder_fails_before_training(run, tmp_path, capsys, option):
+    assert run("--epochs", "1", option, str(tmp_path)) == 1
+    captured = capsys.readouterr()
+    assert "is a folder" in captured.err and "epoch" not in captured.out
+
+
 def test_limit_trains_on_the_first_samples(run, capsys):
     assert run("--epochs", "1", "--limit", "100") == 0
     assert "mnist: 100 training / 80 test images" in capsys.readouterr().out

@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.library import opcheck
 
@@ -381,3 +382,61 @@ def test_opcheck():
             (x, y, params, bufs, ws, 0.1, 0.9, 0.0, 1e-3, True, False, -100, 0.1))
     opcheck(torch.ops.mnist_fast.train_step_sgd.default,
             (x, y, [p.requires_grad_() for p in params], [], ws, 0.1, 0.0, 0.0, 0.0, False, False, -100, 0.0))
+
+
+# ---- found in review ----
+
+def _small_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 5))
+
+
+def test_frozen_parameters_are_refused():
+    model = _small_mlp()
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad=False"):
+        FusedTrainer(model, lr=0.1)
+
+
+def test_ignored_rows_are_not_counted_correct():
+    model = _small_mlp()
+    with torch.no_grad():
+        model[2].bias.copy_(torch.tensor([100.0, 0, 0, 0, 0]))  # every row predicts class 0
+    labels = torch.tensor([0, 0, 0, 1, 0])
+    _, correct = FusedTrainer(model, lr=0.0, ignore_index=0).step(torch.randn(5, 12), labels)
+    assert correct == 0  # the four rows labelled 0 are ignored; the fifth is wrong
+    _, correct = FusedTrainer(model, lr=0.0).step(torch.randn(5, 12), labels)
+    assert correct == 4
+
+
+def test_a_step_under_inference_mode_does_not_break_later_steps():
+    trainer = FusedTrainer(_small_mlp(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(6, 12), torch.randint(0, 5, (6,))
+    with torch.inference_mode():
+        trainer.step(x, y)
+    trainer.step(x, y)
+
+
+def test_momentum_state_follows_a_cast_model_like_sgd():
+    model = _small_mlp()
+    reference = copy.deepcopy(model)
+    trainer = FusedTrainer(model, lr=0.1, momentum=0.9)
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(6, 12), torch.randint(0, 5, (6,))
+    for dtype in (torch.float32, torch.float64):
+        model.to(dtype)
+        reference.to(dtype)
+        trainer.step(x.to(dtype), y)
+        sgd.zero_grad()
+        F.cross_entropy(reference(x.to(dtype)), y).backward()
+        sgd.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_uint8_labels_and_mismatched_images():
+    trainer = FusedTrainer(_small_mlp(), lr=0.1)
+    x = torch.randn(6, 12)
+    trainer.step(x, torch.randint(0, 5, (6,), dtype=torch.uint8))
+    with pytest.raises(TypeError, match="FusedTrainer.step: expected images of the parameters' dtype"):
+        trainer.step(x.double(), torch.randint(0, 5, (6,)))

@@ -57,11 +57,11 @@ std::pair<at::opmath_type<scalar_t>, int64_t> loss_and_logit_grad(at::Tensor& lo
       const scalar_t v = row[c], m = row[best];
       if ((v > m) || (v != v && m == m)) best = c;
     }
-    correct += best == y[i];
-    if (y[i] == ignore_index) {
+    if (y[i] == ignore_index) {  // neither in the loss nor in the correct count
       std::fill(row, row + classes, scalar_t(0));
       continue;
     }
+    correct += best == y[i];
     const auto st = cpu::row_stats<scalar_t, acc_t>(row, classes);
     const acc_t log_sum = st.log_sum_exp();
     nll_sum += neg_log_prob(static_cast<acc_t>(row[y[i]]), st.max, log_sum);

@@ -74,7 +74,7 @@ __global__ void loss_rows_kernel(scalar_t* __restrict__ x, const scalar_t* __res
     const scalar_t v = row[c], m = row[best];
     if ((v > m) || (v != v && m == m)) best = c;  // torch.argmax: first maximum, NaN wins
   }
-  row_hit[i] = best == y[i];
+  row_hit[i] = y[i] != ignore_index && best == y[i];  // ignored rows count neither way
   row_terms[2 * i] = acc_t(0);
   row_terms[2 * i + 1] = acc_t(0);
   if (y[i] == ignore_index) {
