@@ -154,7 +154,7 @@ def read_idx(path: PathLike) -> Tensor:
 
 def idx_bytes(array) -> bytes:
     """The bytes of an IDX file (uncompressed) holding a uint8 tensor or numpy array."""
-    array = array.contiguous().cpu().numpy() if isinstance(array, Tensor) else array
+    array = array.detach().cpu().contiguous().numpy() if isinstance(array, Tensor) else array
     if str(array.dtype) != "uint8" or array.ndim == 0:
         raise ValueError(f"expected a uint8 tensor with at least one dimension, got {array.dtype} "
                          f"of shape {tuple(array.shape)}")

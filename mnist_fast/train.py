@@ -9,7 +9,7 @@
     torchrun --nproc_per_node=2 -m mnist_fast.train              # DistributedDataParallel
 
 Defaults: SGD with momentum 0.9, lr 0.02 decayed by a cosine over the epochs, batch 64, 30 epochs, one
-CPU thread. Measured on real MNIST with --backend fused-step: 98.23-98.26% test accuracy (seeds 0-2;
+CPU thread. Measured on real MNIST with --backend fused-step: 98.18-98.26% test accuracy (seeds 0-2;
 20 epochs: 98.05-98.19%, lr 0.05: 97.6%).
 
 Datasets: `--dataset mnist` (default) or `fashion-mnist`, looked for as mnist_fast.data describes
