@@ -165,7 +165,26 @@ def bundle_to_idx(pairs) -> Dict[str, bytes]:
     return files
 
 
+def _remove_stale_temp_files(path: Path) -> None:
+    """Temp files of ours for path (".<name>.<pid>.tmp") left by a killed conversion: their pid is gone."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:-len(".tmp")]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process, or not a pid we could test: leave its file alone
+    return True
+
+
 def _write_atomically(path: Path, payload: bytes) -> None:
+    _remove_stale_temp_files(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:

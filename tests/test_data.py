@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import os
 import pickle
+import subprocess
 import tracemalloc
 import zlib
 
@@ -481,6 +482,21 @@ def test_bundle_write_failure_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         mnist_pickle.convert_bundle(source, tmp_path / "raw", sha256=sha, md5=None)
     assert list((tmp_path / "raw").iterdir()) == []
+
+
+def test_bundle_conversion_removes_temp_files_of_killed_conversions(tmp_path):
+    source, sha = _write_pickle(tmp_path / "mnist.pkl.gz", _tiny_mnist())
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = raw / f".train-images-idx3-ubyte.{dead.pid}.tmp"
+    live = raw / f".t10k-images-idx3-ubyte.{os.getppid()}.tmp"
+    other = raw / "notes.tmp"
+    for path in (stale, live, other):
+        path.write_bytes(b"half")
+    mnist_pickle.convert_bundle(source, raw, sha256=sha, md5=None)
+    assert not stale.exists() and live.exists() and other.exists()  # a running process's file stays
 
 
 @pytest.fixture
