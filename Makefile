@@ -48,7 +48,7 @@ bench: build
 
 # The fused-vs-stock report: markdown table, JSON and PNG (interleaved runs, medians).
 bench-report: build
-	$(PY) -m mnist_fast.bench --threads 1 --clock thread --out-json bench.json --out-png bench.png $(ARGS)
+	$(PY) -m benchmarks.report --threads 1 --clock thread --out-json bench.json --out-png bench.png $(ARGS)
 
 clean:
 	rm -rf build build-cmake build-sanitize mnist_fast/_C*.so *.egg-info
