@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.library import opcheck
 
+from mnist_fast import models
 from mnist_fast.models import MNISTNet
 from mnist_fast.nn import LinearReLU, fuse
 from mnist_fast.trainer import FusedTrainer
@@ -15,12 +16,8 @@ from conftest import TOL
 
 
 def stock_mlp(sizes=(784, 32, 16, 10)):
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i + 2 < len(sizes):
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+    """The lesson's stock MLP (mnist_fast.models.stock_mlp), narrower by default: quick steps."""
+    return models.stock_mlp(sizes)
 
 
 def make_batches(batch_sizes, in_shape=(1, 28, 28), classes=10, dtype=torch.float32, seed=1):
@@ -388,7 +385,7 @@ def test_opcheck():
 
 def _small_mlp():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 5))
+    return stock_mlp((12, 9, 5))
 
 
 def test_frozen_parameters_are_refused():
