@@ -13,8 +13,8 @@ from mnist_fast.nn import CrossEntropyLoss, LinearReLU, fuse
 def test_public_api():
     assert mnist_fast.fuse is fuse and mnist_fast.LinearReLU is LinearReLU
     assert mnist_fast.nn.CrossEntropyLoss is CrossEntropyLoss
-    for name in ["linear_relu", "linear_relu_backward", "cross_entropy", "cross_entropy_forward",
-                 "cross_entropy_backward"]:
+    for name in ["linear_relu", "_linear_relu_backward", "cross_entropy", "cross_entropy_forward",
+                 "_cross_entropy_backward"]:
         assert hasattr(torch.ops.mnist_fast, name)
 
 

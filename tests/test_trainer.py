@@ -12,7 +12,7 @@ from mnist_fast.models import MNISTNet
 from mnist_fast.nn import LinearReLU, fuse
 from mnist_fast.trainer import FusedTrainer
 
-from conftest import TOL
+from helpers import TOL, assert_same_params
 
 
 def stock_mlp(sizes=(784, 32, 16, 10)):
@@ -48,13 +48,6 @@ def fused_run(trainer, batches):
         losses.append(loss)
         correct.append(c)
     return losses, correct
-
-
-def assert_same_params(a, b, **tol):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        torch.testing.assert_close(sa[k], sb[k], **tol, msg=lambda m: f"{k}: {m}")
 
 
 SGD_CONFIGS = [
