@@ -8,8 +8,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 JOBS ?= 2
 ARGS ?=
-# Where nvcc lives; the build compiles csrc/cuda/*.cu when it is there (MNIST_FAST_CUDA=0 to skip).
-export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
+# The CUDA toolkit as setup.py finds it (build_config.py); the build compiles csrc/cuda/*.cu when
+# there is one (MNIST_FAST_CUDA=0 to skip).
+export CUDA_HOME ?= $(shell $(PYTHON) build_config.py cuda-home)
 export MAX_JOBS ?= $(JOBS)
 
 .PHONY: setup build test pytest ctest train bench bench-report sanitize clean
@@ -59,7 +60,7 @@ bench: build
 
 # The fused-vs-stock report: markdown table, JSON and PNG (interleaved runs, medians).
 bench-report: build
-	$(PY) -m mnist_fast.bench --threads 1 --clock thread --out-json bench.json --out-png bench.png $(ARGS)
+	$(PY) -m benchmarks.report --threads 1 --clock thread --out-json bench.json --out-png bench.png $(ARGS)
 
 clean:
 	rm -rf build build-cmake build-sanitize mnist_fast/_C*.so *.egg-info

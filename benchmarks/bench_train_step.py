@@ -1,7 +1,7 @@
 """One epoch of MNIST-shaped training: the fused step (FusedTrainer) against stock eager PyTorch and
 against the GEMMs alone, in one process, interleaved, medians of several epochs.
 
-    python benchmarks/bench_train_step.py [--batch 64 512] [--samples 60000] [--repeats 5] [--momentum 0.9]
+    python -m benchmarks.bench_train_step [--batch 64 512] [--samples 60000] [--repeats 5] [--momentum 0.9]
 
 Rows (seconds per epoch over `samples` random (1, 28, 28) images, the 784-128-64-10 network):
   stock eager   nn.Sequential(Linear, ReLU, ...) + nn.CrossEntropyLoss + torch.optim.SGD (default, for-loop)
@@ -14,26 +14,20 @@ against the rest of the op (elementwise passes, argument checks, dispatch).
 """
 import argparse
 import copy
+import os
 import statistics
-import time
+import sys
 
 import torch
 from torch import nn
 
-import mnist_fast  # noqa: F401
-from mnist_fast.nn import fuse
-from mnist_fast.trainer import FusedTrainer
+if __package__ in (None, ""):  # run as a file: import from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SIZES = (784, 128, 64, 10)
-
-
-def lesson_model():
-    layers = []
-    for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:])):
-        layers.append(nn.Linear(a, b))
-        if i + 2 < len(SIZES):
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+from benchmarks.timing import time_interleaved  # noqa: E402
+from mnist_fast.models import LESSON_SIZES as SIZES, stock_mlp  # noqa: E402
+from mnist_fast.nn import fuse  # noqa: E402
+from mnist_fast.trainer import FusedTrainer  # noqa: E402
 
 
 def batches(images, labels, batch):
@@ -96,12 +90,6 @@ def gemm_epoch(data):
     return run
 
 
-def timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def profile_breakdown(trainer, data, steps=200):
     data = data[:steps]
     for x, y in data[:20]:
@@ -135,7 +123,7 @@ def main():
           f"SGD lr=0.01 momentum={args.momentum}, float32, median of {args.repeats} epochs (interleaved)")
     for batch in args.batch:
         data = batches(images, labels, batch)
-        base = lesson_model()
+        base = stock_mlp()
         stock_model = copy.deepcopy(base)
         stock_fused_model = copy.deepcopy(base)
         fused_model = fuse(copy.deepcopy(base))
@@ -149,12 +137,8 @@ def main():
             "raw op": raw_op_epoch(FusedTrainer(raw_model, lr=0.01, momentum=args.momentum), data, args.momentum),
             "GEMM only": gemm_epoch(data),
         }
-        times = {k: [] for k in runs}
-        for name, fn in runs.items():  # warm-up: allocations, first-touch, MKL init
-            fn()
-        for _ in range(args.repeats):
-            for name, fn in runs.items():
-                times[name].append(timed(fn))
+        # one epoch per block; the warm-up epoch pays for allocations, first touch, MKL init
+        times = time_interleaved(runs, repeats=args.repeats, block_s=0, warmup=1)
         med = {k: statistics.median(v) for k, v in times.items()}
         best = {k: min(v) for k, v in times.items()}
         print(f"\nbatch {batch} ({len(data)} steps/epoch); median, then best epoch (a shared machine's noise "

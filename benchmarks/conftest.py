@@ -6,12 +6,18 @@
 
 Not part of the normal test run: pyproject's testpaths is tests/, and `pytest tests` never looks
 here. Each benchmark group compares implementations of one case; the case builders live in
-mnist_fast/bench.py, shared with the report (python -m mnist_fast.bench).
+benchmarks/cases.py, shared with the report (python -m benchmarks.report), and the clock is
+benchmarks/timing.py's (--bench-clock; on a GPU a synchronizing one).
 """
 import pytest
 import torch
 
+from benchmarks import timing
+
 ALL_BATCH_SIZES = "1,64,256,1024,4096"
+# benchmarks/timing.py's clocks, as pytest-benchmark's --benchmark-timer takes them (module.attr)
+_TIMERS = {name: f"{fn.__module__}.{fn.__name__}"
+           for name, fn in {**timing.HOST_CLOCKS, "cuda": timing.cuda_synced_clock}.items()}
 
 
 def pytest_addoption(parser):
@@ -23,6 +29,9 @@ def pytest_addoption(parser):
     group.addoption("--bench-compile-batch-sizes", default="64,1024", help="batch sizes of the compiled cases")
     group.addoption("--bench-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     group.addoption("--bench-epoch-samples", type=int, default=60000, help="samples per epoch benchmark")
+    group.addoption("--bench-clock", choices=tuple(_TIMERS), default=None,
+                    help="default: pytest-benchmark's --benchmark-timer; wall: perf_counter; thread: CPU time of the calling thread (use with --bench-threads 1); "
+                         "cuda: perf_counter after torch.cuda.synchronize()")
 
 
 def _ints(text):
@@ -30,6 +39,10 @@ def _ints(text):
 
 
 def pytest_configure(config):
+    # pytest-benchmark reads its timer in its own pytest_configure, which runs after this one (trylast)
+    clock = config.getoption("--bench-clock", default=None)
+    if clock is not None and hasattr(config.option, "benchmark_timer"):
+        config.option.benchmark_timer = _TIMERS[clock]
     threads = config.getoption("--bench-threads", default=0)
     if threads:
         torch.set_num_threads(threads)

@@ -158,8 +158,8 @@ TORCH_LIBRARY_IMPL(mnist_fast, Autograd, m) {
   m.impl("train_step_sgd", TORCH_FN(train_step_sgd_autograd));
   m.impl("linear_relu", TORCH_FN(linear_relu_autograd));
   m.impl("cross_entropy_forward", TORCH_FN(cross_entropy_forward_autograd));
-  m.impl("linear_relu_backward", TORCH_FN(linear_relu_backward_autograd));
-  m.impl("cross_entropy_backward", TORCH_FN(cross_entropy_backward_autograd));
+  m.impl("_linear_relu_backward", TORCH_FN(linear_relu_backward_autograd));
+  m.impl("_cross_entropy_backward", TORCH_FN(cross_entropy_backward_autograd));
 }
 
 }  // namespace mnist_fast

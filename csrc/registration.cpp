@@ -24,7 +24,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward(const at::Te
                                                                     const at::Tensor& weight,
                                                                     const at::Tensor& output,
                                                                     std::array<bool, 3> output_mask) {
-  MNIST_FAST_OP("linear_relu_backward", decltype(linear_relu_backward));
+  MNIST_FAST_OP("_linear_relu_backward", decltype(linear_relu_backward));
   return op.call(grad_output, input, weight, output, output_mask);
 }
 
@@ -42,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_backward(const at::Tensor& grad
                                                           const at::Tensor& logsumexp, int64_t reduction,
                                                           int64_t ignore_index, double label_smoothing,
                                                           std::array<bool, 2> output_mask) {
-  MNIST_FAST_OP("cross_entropy_backward", decltype(cross_entropy_backward));
+  MNIST_FAST_OP("_cross_entropy_backward", decltype(cross_entropy_backward));
   return op.call(grad_loss, input, target, weight, logsumexp, reduction, ignore_index, label_smoothing,
                  output_mask);
 }
@@ -76,13 +76,13 @@ std::vector<at::Tensor> train_step_workspace(const at::Tensor& input, at::Tensor
 TORCH_LIBRARY(mnist_fast, m) {
   m.def("linear_relu(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
   m.def(
-      "linear_relu_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor output, bool[3] output_mask)"
+      "_linear_relu_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor output, bool[3] output_mask)"
       " -> (Tensor, Tensor, Tensor)");
   m.def(
       "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int reduction, int ignore_index,"
       " float label_smoothing) -> (Tensor, Tensor)");
   m.def(
-      "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor logsumexp,"
+      "_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor logsumexp,"
       " int reduction, int ignore_index, float label_smoothing, bool[2] output_mask) -> (Tensor, Tensor)");
   // The loss alone, for users of torch.ops; decomposes into cross_entropy_forward.
   m.def(

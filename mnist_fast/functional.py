@@ -5,7 +5,7 @@
     log_softmax_nll                         is cross_entropy (log-softmax followed by NLL)
 
 In eager mode the compiled ops are called through a pybind11 fast path; under torch.compile they
-are called as torch.ops.mnist_fast.* so the compiler sees the registered ops.
+are called as torch.ops.mnist_fast.* so the compiler sees the registered ops (_ops.fast_path).
 """
 from typing import Optional
 
@@ -13,30 +13,18 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction
 
-from . import _C
+from ._ops import fast_path
 
 __all__ = ["linear_relu", "cross_entropy", "log_softmax_nll"]
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-
-
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+_linear_relu = fast_path("linear_relu")
+_loss_2d = fast_path("cross_entropy")  # (N, C) input, reduction as a code
 
 
 def linear_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """relu(input @ weight.T + bias) in one fused op; input of shape (*, in_features)."""
-    if _compiling():
-        return torch.ops.mnist_fast.linear_relu.default(input, weight, bias)
-    return _C.linear_relu(input, weight, bias)
-
-
-def _loss_2d(input, target, weight, reduction, ignore_index, label_smoothing):
-    if _compiling():
-        return torch.ops.mnist_fast.cross_entropy_forward.default(
-            input, target, weight, reduction, ignore_index, label_smoothing
-        )[0]
-    return _C.cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing)
+    return _linear_relu(input, weight, bias)
 
 
 def cross_entropy(

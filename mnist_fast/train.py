@@ -18,19 +18,12 @@ Datasets: `--dataset mnist` (default) or `fashion-mnist`, looked for as mnist_fa
 train`: MNIST when it can be found, converted or downloaded, otherwise, when Fashion-MNIST is on the
 machine, one line saying so and a Fashion-MNIST run. An explicit `--dataset mnist` never switches datasets.
 
+Checkpoints: see mnist_fast.checkpoint; multi-process runs (torchrun): see mnist_fast.distributed.
+
 Data path: each split is one normalized tensor on the device and batches are cut by indexing
 (`--loader tensor`, default); `--loader dataloader` runs the lesson's torchvision DataLoader +
 transforms pipeline over the same samples, to measure the difference.
 
-Checkpoints (`--checkpoint PATH`) are written atomically after every epoch and hold only tensors and
-plain values (model, optimizer, RNG states, epoch, options, history), so they load with
-torch.load(weights_only=True). `--resume` continues from PATH; with the same options, seed and
-thread count on the CPU, an interrupted run ends with the same weights as an uninterrupted one
-(the batch order of an epoch depends only on --seed and the epoch number).
-
-Multi-process: under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel
-(gloo on CPU, nccl on CUDA); each rank trains on its shard of every shuffled epoch with
---batch-size samples per step; rank 0 alone evaluates, prints and writes files.
 """
 import argparse
 import importlib.util
@@ -50,8 +43,11 @@ from tqdm import tqdm
 
 from . import _C
 from . import data as mnist_data
-from .models import MNISTNet
-from .nn import CrossEntropyLoss
+from .checkpoint import (CheckpointError, atomic_write, checkpoint_state, load_checkpoint, prepare_output_files,
+                         restore_checkpoint, run_options, save_checkpoint)
+from .distributed import Distributed, init_distributed, resolve_device
+from .plotting import plot_history, show_predictions
+from .recipe import build_model, build_optimizer, learning_rate, set_learning_rate
 from .trainer import FusedTrainer
 
 __all__ = ["main", "train", "parse_args", "build_model", "TrainResult", "CheckpointError",
@@ -61,17 +57,6 @@ DEFAULT_LR = {"sgd": 0.02, "adam": 0.001}
 DEFAULT_MOMENTUM = 0.9
 EVAL_BATCH_SIZE = 1000
 MAX_SHOW = 50  # rows of the --show figure; matplotlib refuses images much taller than that
-CHECKPOINT_KEYS = ("epochs_done", "options", "model", "optimizer", "rng", "history")
-CHECKPOINT_KIND = "mnist_fast.train checkpoint"
-CHECKPOINT_VERSION = 1
-# Options that define the trajectory of a run: a checkpoint resumes only with the same values.
-# --epochs counts too when the learning rate schedule depends on it.
-RUN_DEFINING_OPTIONS = ("dataset", "backend", "optimizer", "lr", "momentum", "schedule", "batch_size", "seed",
-                        "limit", "loader", "world_size")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read, or does not fit this run."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,193 +166,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------------
-# Model, optimizer
-
-
-def build_model(backend: str):
-    """(model, criterion) of a backend. Both models produce outputs whose argmax is the class and
-    whose softmax gives the class probabilities (logits for fused, log-probabilities for stock), and
-    both are built in the same order, so one seed gives both the same initial weights."""
-    if backend in ("fused", "fused-step"):
-        return MNISTNet(), CrossEntropyLoss()
-    if backend == "stock":
-        model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
-                              nn.Linear(64, 10), nn.LogSoftmax(dim=1))
-        return model, nn.NLLLoss()
-    raise ValueError(f"unknown backend {backend!r}")
-
-
-def learning_rate(args, epoch: int) -> float:
-    """The learning rate of epoch `epoch` (0-based): a function of the options alone, so a resumed
-    run needs no scheduler state."""
-    if args.schedule == "cosine":
-        return args.lr * 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))
-    return args.lr
-
-
-def build_optimizer(args, parameters) -> torch.optim.Optimizer:
-    """SGD or Adam, with PyTorch's fused (single-kernel) update where this torch has one for the
-    device: measured here it takes 32 instead of 80 us per SGD step, about a tenth of a step."""
-    parameters = list(parameters)
-    if args.optimizer == "sgd":
-        optimizer_class, options = torch.optim.SGD, {"lr": args.lr, "momentum": args.momentum}
-    else:
-        optimizer_class, options = torch.optim.Adam, {"lr": args.lr}
-    try:
-        return optimizer_class(parameters, fused=True, **options)
-    except (RuntimeError, TypeError):  # an older torch, or no fused kernel for this device
-        return optimizer_class(parameters, **options)
-
-
-# ----------------------------------------------------------------------------------------------
-# Files: atomic writes, checkpoints
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) then rename over path: readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint with weights_only=True (no code runs); CheckpointError when it can't be."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; drop --resume to start a new run")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... for a bad file
-        reason = str(e).split(". ")[0].strip() or type(e).__name__  # torch's first sentence says what broke
-        if reason.startswith("Weights only load failed"):
-            reason = "it holds Python objects besides tensors and plain values, and loading those could run code"
-        raise CheckpointError(f"{path} is not a readable checkpoint ({reason}); delete it or pass another path") from e
-    if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
-        raise CheckpointError(f"{path} is not an mnist_fast.train checkpoint")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} is checkpoint version {state.get('version')}; "
-                              f"this mnist_fast reads version {CHECKPOINT_VERSION}")
-    missing = [key for key in CHECKPOINT_KEYS if key not in state]
-    if missing:
-        raise CheckpointError(f"{path} is incomplete: it has no {', '.join(missing)}")
-    return state
-
-
-def _run_options(args, world_size: int) -> dict:
-    options = {name: getattr(args, name) for name in RUN_DEFINING_OPTIONS if name != "world_size"}
-    options["world_size"] = world_size
-    if args.schedule != "constant":
-        options["epochs"] = args.epochs
-    return options
-
-
-def _check_model_state(path: Path, saved: dict, model: nn.Module) -> None:
-    """Refuse a state dict whose names or shapes differ from the model's, before anything is loaded."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    found = {name: tuple(t.shape) for name, t in saved.items()} if isinstance(saved, dict) else {}
-    if found == expected:
-        return
-    problems = [f"missing {name}" for name in expected.keys() - found.keys()]
-    problems += [f"unexpected {name}" for name in found.keys() - expected.keys()]
-    problems += [f"{name}: shape {found[name]} in the checkpoint, {shape} in the model"
-                 for name, shape in expected.items() if name in found and found[name] != shape]
-    raise CheckpointError(f"{path} holds a different model: " + "; ".join(sorted(problems)))
-
-
-def restore_checkpoint(path: Path, state: dict, options: dict, model: nn.Module,
-                       optimizer: torch.optim.Optimizer) -> None:
-    """Load model, optimizer and RNG states; all checks come first, so a mismatch loads nothing."""
-    saved_options = state.get("options", {})
-    differences = [f"--{name.replace('_', '-')} {value} (checkpoint: {saved_options.get(name)})"
-                   for name, value in options.items() if saved_options.get(name) != value]
-    if differences:
-        hint = " (the cosine schedule depends on --epochs: only --schedule constant runs can be extended)" \
-            if options.get("epochs") != saved_options.get("epochs") else ""
-        raise CheckpointError(f"{path} was written by a run with other options; resuming needs the same ones. "
-                              f"Differs: {', '.join(differences)}{hint}")
-    _check_model_state(path, state.get("model"), model)
-    try:
-        optimizer.load_state_dict(state["optimizer"])  # checks its groups before changing anything
-    except (KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: optimizer state does not fit this run ({e})") from e
-    model.load_state_dict(state["model"])
-    torch.set_rng_state(state["rng"]["cpu"])
-    if torch.cuda.is_available() and state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-
-
-def _checkpoint_state(epochs_done: int, options: dict, model, optimizer, history) -> dict:
-    return {
-        "kind": CHECKPOINT_KIND,
-        "version": CHECKPOINT_VERSION,
-        "epochs_done": epochs_done,
-        "options": options,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng": {"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        "history": history,
-    }
-
-
-# ----------------------------------------------------------------------------------------------
-# Plots (matplotlib's object API with the Agg canvas: no pyplot, no display, no global state)
-
-
-def _save_figure(figure, path: Path) -> None:
-    _atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
-
-
-def plot_history(history: List[dict], path: Path, title: str) -> None:
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    epochs = [h["epoch"] for h in history]
-    figure = Figure(figsize=(10, 4), layout="constrained")
-    loss_ax, acc_ax = figure.subplots(1, 2)
-    loss_ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    loss_ax.plot(epochs, [h["test_loss"] for h in history], "o-", label="test")
-    loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
-    loss_ax.legend()
-    acc_ax.plot(epochs, [100 * h["test_accuracy"] for h in history], "o-", color="tab:green")
-    acc_ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
-    for ax in (loss_ax, acc_ax):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    figure.suptitle(title)
-    _save_figure(figure, path)
-
-
-def show_predictions(images: torch.Tensor, labels: torch.Tensor, probabilities: torch.Tensor,
-                     classes: Sequence[str], path: Path) -> None:
-    """The lesson's view_classify for several images: each image beside its class probabilities."""
-    from matplotlib.figure import Figure
-
-    count = images.shape[0]
-    figure = Figure(figsize=(7, 2.2 * count), layout="constrained")
-    axes = figure.subplots(count, 2, squeeze=False, width_ratios=(1, 2))
-    for (image_ax, bar_ax), image, label, probs in zip(axes, images.cpu(), labels.cpu(), probabilities.cpu()):
-        image_ax.imshow(image.reshape(28, 28).numpy(), cmap="gray")
-        image_ax.set_title(f"true: {classes[int(label)]}\npredicted: {classes[int(probs.argmax())]}", fontsize=9)
-        image_ax.axis("off")
-        bar_ax.barh(range(len(classes)), probs.numpy())
-        bar_ax.set_yticks(range(len(classes)), classes, fontsize=8)
-        bar_ax.set_xlim(0, 1.1)
-        bar_ax.set_title("Class Probability", fontsize=9)
-    _save_figure(figure, path)
-
-
-# ----------------------------------------------------------------------------------------------
 # Training
 
 
@@ -376,48 +174,6 @@ class TrainResult:
     model: nn.Module  # the trained model (unwrapped from DDP / torch.compile)
     dataset: str
     history: List[dict] = field(default_factory=list)
-
-
-@dataclass
-class _Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-
-def _init_distributed(device_choice: str) -> _Distributed:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return _Distributed()
-    env = _Distributed(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return env
-
-
-def _resolve_device(choice: str, env: _Distributed) -> torch.device:
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda":
-        return torch.device("cuda", env.local_rank)
-    return torch.device("cpu")
-
-
-def _prepare_output_folders(args) -> None:
-    """Create the folders of the files this run will write, and check they are writable, before
-    training rather than after it: a typo in --plot should not cost a finished run."""
-    outputs = [args.checkpoint, args.plot, args.metrics, args.show_file if args.show else None]
-    for path in outputs:
-        if path is not None and Path(path).is_dir():
-            raise IsADirectoryError(f"{path} is a folder; give a file name")
-    for folder in {Path(path).parent for path in outputs if path is not None}:
-        folder.mkdir(parents=True, exist_ok=True)
-        if not os.access(folder, os.W_OK):
-            raise PermissionError(f"cannot write to {folder}")
 
 
 def _load_data(args, log) -> mnist_data.Dataset:
@@ -454,14 +210,6 @@ def evaluate(model: nn.Module, criterion: nn.Module, split: mnist_data.Split):
     return loss_sum.item() / count, correct.item() / count
 
 
-def set_learning_rate(optimizer, lr: float) -> None:
-    if isinstance(optimizer, FusedTrainer):
-        optimizer.lr = lr
-    else:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-
 def _train_step(model, criterion, optimizer, images, labels):
     """One optimization step; returns the batch's mean loss."""
     if isinstance(optimizer, FusedTrainer):
@@ -493,7 +241,7 @@ def _train_epoch(model, criterion, optimizer, batches, device, progress):
 
 def train(args: argparse.Namespace) -> TrainResult:
     """Run the training that parsed options describe (see the module docstring)."""
-    env = _init_distributed(args.device)
+    env = init_distributed(args.device)
     try:
         return _train(args, env)
     finally:
@@ -501,16 +249,16 @@ def train(args: argparse.Namespace) -> TrainResult:
             dist.destroy_process_group()
 
 
-def _train(args, env: _Distributed) -> TrainResult:
+def _train(args, env: Distributed) -> TrainResult:
     log = print if env.rank == 0 else (lambda *a, **k: None)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = _resolve_device(args.device, env)
+    device = resolve_device(args.device, env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
     if env.rank == 0:
-        _prepare_output_folders(args)
+        prepare_output_files([args.checkpoint, args.plot, args.metrics, args.show_file if args.show else None])
 
     # Rank 0 finds (and maybe downloads) the data first, so that ranks don't download over each other.
     if env.active and env.rank != 0:
@@ -535,7 +283,7 @@ def _train(args, env: _Distributed) -> TrainResult:
         optimizer = FusedTrainer(model, lr=args.lr, momentum=args.momentum)
     else:
         optimizer = build_optimizer(args, model.parameters())
-    options = _run_options(args, env.world_size)
+    options = run_options(args, env.world_size)
 
     history: List[dict] = []
     start_epoch = 0
@@ -581,7 +329,7 @@ def _train(args, env: _Distributed) -> TrainResult:
         log(f"epoch {epoch + 1:>2}/{args.epochs}  train loss {train_loss:.4f}  test loss {test_loss:.4f}  "
             f"test accuracy {100 * test_accuracy:.2f}%  {epoch_time:.2f} s ({seen / epoch_time:,.0f} images/s)")
         if args.checkpoint is not None:
-            save_checkpoint(args.checkpoint, _checkpoint_state(epoch + 1, options, model, optimizer, history))
+            save_checkpoint(args.checkpoint, checkpoint_state(epoch + 1, options, model, optimizer, history))
 
     if env.rank == 0:
         _report(args, dataset, model, test_split, history, start_epoch, log)
@@ -600,7 +348,7 @@ def _report(args, dataset, model, test_split, history, start_epoch, log) -> None
         document = {"dataset": dataset.name, "options": {k: (str(v) if isinstance(v, Path) else v)
                                                            for k, v in vars(args).items()},
                     "history": history}
-        _atomic_write(args.metrics, lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))
+        atomic_write(args.metrics, lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))
         log(f"metrics: {args.metrics}")
     if args.plot is not None and history:
         plot_history(history, args.plot, f"{dataset.name}, {args.backend} backend")

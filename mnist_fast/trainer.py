@@ -25,13 +25,14 @@ import torch
 from torch import Tensor, nn
 
 from . import _C
-from . import _trainer_ops  # noqa: F401  (fake kernels of the training-step ops)
+from ._ops import fast_path
 from .models import MNISTNet
 from .nn import LinearReLU
 
 __all__ = ["FusedTrainer"]
 
 _OPS = torch.ops.mnist_fast
+_train_step_sgd = fast_path("train_step_sgd")
 _SUPPORTED = ("FusedTrainer supports MNISTNet and nn.Sequential stacks of LinearReLU / nn.Linear + nn.ReLU "
               "layers (nn.Identity and a leading nn.Flatten allowed) ending in a plain nn.Linear")
 
@@ -190,9 +191,7 @@ class FusedTrainer:
             elif any(b.dtype != p.dtype or b.device != p.device for b, p in zip(buffers, self._params)):
                 # The model was moved or cast (model.double()): keep the state, as torch.optim.SGD does.
                 buffers = self._buffers = [b.to(p) for b, p in zip(buffers, self._params)]
-        # Eager: the pybind11 entry point (about 5 us less per call than torch.ops); traced: the op.
-        call = _OPS.train_step_sgd.default if torch.compiler.is_compiling() else _C.train_step_sgd
-        loss, correct = call(
+        loss, correct = _train_step_sgd(
             x, labels, self._params, buffers, self._workspace(x), self.lr, self.momentum, self.dampening,
             self.weight_decay, self.nesterov, first_step, self.ignore_index, self.label_smoothing)
         if first_step:  # only once the step went through: a rejected batch leaves no state behind

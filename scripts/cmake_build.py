@@ -1,5 +1,6 @@
 """Configure, build and (with --test) run the CMake build against the pip-installed torch.
 
+The sources and the shared compile flags come from build_config.py (setup.py's description).
 torch's CMake config from a CUDA wheel looks for the CUDA toolkit even for CPU-only code, so this
 passes what it needs: the toolkit root, the wheel's libnvrtc, and torch's cmake prefix path.
 """
@@ -13,12 +14,18 @@ import sys
 
 import torch
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import build_config as config  # noqa: E402
+
 
 def cmake_args():
-    args = [f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
-    if torch.version.cuda is None:
+    flags = config.kernel_flags()  # CMAKE_BUILD_TYPE picks the optimization level
+    args = [f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            f"-DMNIST_FAST_SOURCES={';'.join(config.library_sources())}",
+            f"-DMNIST_FAST_CXX_FLAGS={';'.join(flags)}"]
+    cuda_home = config.find_cuda_home()
+    if torch.version.cuda is None or cuda_home is None:
         return args
-    cuda_home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
     args += [f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}", f"-DCMAKE_CUDA_COMPILER={cuda_home}/bin/nvcc"]
     try:
         import nvidia
@@ -29,7 +36,7 @@ def cmake_args():
     if nvrtc:
         args.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc[0]}")
     # Without a visible GPU torch's config would try (and fail) to detect its architecture.
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = config.cuda_arch_list()
     return args
 
 

@@ -5,10 +5,11 @@
     python3 scripts/gpu_bench.py parity [--device cuda]
 
 bench: forward+backward of each op, fused (mnist_fast) and stock (torch.nn.functional), and of a
-whole MNISTNet training step, at each batch size. On CUDA each sample times a run of calls between
-two CUDA events; the median over samples is reported, in microseconds per call. The table is
-printed last. With --device cpu (the dry run of scripts/gpu_check.sh) it times with
-time.perf_counter and few samples: that checks the harness, not the speed.
+whole MNISTNet training step, at each batch size, interleaved (benchmarks/timing.py). On CUDA each
+sample times a run of calls between two CUDA events; the median over samples is reported, in
+microseconds per call. The table is printed last. With --device cpu (the dry run of
+scripts/gpu_check.sh) it times with time.perf_counter and few samples: that checks the harness,
+not the speed.
 
 workload: a few fused training steps of MNISTNet plus one call of every kernel variant (small and
 large class counts, weights, label smoothing, ignore_index, probability targets, empty batch), for
@@ -23,7 +24,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,38 +31,17 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import mnist_fast  # noqa: E402
+from benchmarks.timing import time_interleaved  # noqa: E402
 from mnist_fast import functional as MF  # noqa: E402
+from mnist_fast.models import stock_mlp  # noqa: E402
 
 
-# ---- timing ----
-
-def _timer(device):
-    """Returns time_calls(fn, calls) -> seconds per call for one sample."""
-    if device.type == "cuda":
-        def time_calls(fn, calls):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3 / calls
-    else:
-        def time_calls(fn, calls):
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            return (time.perf_counter() - t0) / calls
-    return time_calls
-
-
-def median_us(fn, device, samples, calls, warmup):
-    time_calls = _timer(device)
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 1e6 * statistics.median(time_calls(fn, calls) for _ in range(samples))
+def median_us(fns, device, samples, calls, warmup):
+    """Median microseconds per call of each function, interleaved (benchmarks/timing.py): CUDA
+    events around each block of calls on a GPU, perf_counter on the CPU."""
+    clock = "cuda" if device.type == "cuda" else "wall"
+    times = time_interleaved(fns, repeats=samples, warmup=warmup, clock=clock, calls=calls)
+    return {name: 1e6 * statistics.median(t) for name, t in times.items()}
 
 
 def _linear_case(batch, device, dtype):
@@ -95,9 +74,7 @@ def _loss_case(batch, device, dtype):
 def _train_case(batch, device, dtype):
     torch.manual_seed(0)
     fused_net = mnist_fast.models.MNISTNet().to(device=device, dtype=dtype)
-    stock_net = torch.nn.Sequential(
-        torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64), torch.nn.ReLU(),
-        torch.nn.Linear(64, 10)).to(device=device, dtype=dtype)
+    stock_net = stock_mlp().to(device=device, dtype=dtype)
     x = torch.randn(batch, 784, device=device, dtype=dtype)
     y = torch.randint(0, 10, (batch,), device=device)
     fused_opt = torch.optim.SGD(fused_net.parameters(), lr=1e-3)
@@ -129,9 +106,8 @@ def bench(args):
     for name, make in CASES.items():
         for batch in batches:
             fused, stock = make(batch, device, torch.float32)
-            t_stock = median_us(stock, device, samples, calls, warmup)
-            t_fused = median_us(fused, device, samples, calls, warmup)
-            rows.append((name, batch, t_stock, t_fused))
+            t = median_us({"stock": stock, "fused": fused}, device, samples, calls, warmup)
+            rows.append((name, batch, t["stock"], t["fused"]))
     what = torch.cuda.get_device_name(device) if not dry else "CPU (dry run: harness check, not a timing)"
     print(f"\nfused vs stock on {what}, float32, median of {samples} samples of {calls} calls, us per call")
     header = f"{'op':<30} {'batch':>6} {'stock us':>10} {'fused us':>10} {'speedup':>8}"

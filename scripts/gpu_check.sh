@@ -114,24 +114,12 @@ if [[ $HAVE_GPU != 1 && $DRY_RUN == 0 ]]; then
   exit 1
 fi
 
-# CUDA_HOME: the environment, the usual place, the toolkit of the nvcc on PATH (symlinks
-# resolved, so that a /usr/local/bin/nvcc link gives the toolkit, not /usr/local), torch's guess.
-if [[ -z ${CUDA_HOME:-} ]]; then
-  if [[ -x /usr/local/cuda/bin/nvcc ]]; then
-    CUDA_HOME=/usr/local/cuda
-  elif command -v nvcc >/dev/null; then
-    CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
-  else
-    CUDA_HOME=$("$PYTHON" -c "from torch.utils import cpp_extension as c; print(c.CUDA_HOME or '')" 2>/dev/null | tail -1)
-  fi
-fi
-export CUDA_HOME
-# Compile for the visible GPU only (half the nvcc time of setup.py's default list); setup.py
-# picks 8.0;9.0 itself when no GPU is visible.
-if [[ -z ${TORCH_CUDA_ARCH_LIST:-} && $HAVE_GPU == 1 ]]; then
-  TORCH_CUDA_ARCH_LIST=$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-  export TORCH_CUDA_ARCH_LIST
-fi
+# The toolkit and the architectures as setup.py finds them (build_config.py): CUDA_HOME from the
+# environment, /usr/local/cuda, the nvcc on PATH or torch's guess; TORCH_CUDA_ARCH_LIST of the
+# visible GPU (half the nvcc time of the default list), 8.0;9.0 when none is visible.
+CUDA_HOME=$("$PYTHON" build_config.py cuda-home)
+TORCH_CUDA_ARCH_LIST=$("$PYTHON" build_config.py arch-list)
+export CUDA_HOME TORCH_CUDA_ARCH_LIST
 export MNIST_FAST_CUDA=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 SANITIZER=$(command -v compute-sanitizer || true)

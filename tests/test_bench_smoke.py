@@ -4,15 +4,16 @@ import json
 import pathlib
 
 import pytest
+import torch
 
-from mnist_fast import bench
+from benchmarks import cases, report, timing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_report_quick_writes_json_and_png(tmp_path, capsys):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
-    bench.main(["--quick", "--batch-sizes", "64", "--repeats", "2", "--block-ms", "0.5", "--epoch-samples", "128",
+    report.main(["--quick", "--batch-sizes", "64", "--repeats", "2", "--block-ms", "0.5", "--epoch-samples", "128",
                 "--pipeline-samples", "0", "--threads", "1", "--silent",
                 "--out-json", str(out_json), "--out-png", str(out_png)])
     table = capsys.readouterr().out
@@ -20,7 +21,9 @@ def test_report_quick_writes_json_and_png(tmp_path, capsys):
     assert "train step (eager) | batch 64" in table
     assert "cross_entropy fwd+bwd | [64, 10]" in table
     result = json.loads(out_json.read_text())
-    assert {"cpu_model", "torch_threads", "torch_version"} <= set(result["machine"])
+    assert {"cpu_model", "torch_threads", "torch_version", "cpu_capability"} <= set(result["machine"])
+    assert result["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert f"CPU capability {result['machine']['cpu_capability']}" in table
     assert result["machine"]["torch_threads"] == 1
     for row in result["rows"]:
         assert row["impls"]["ours"]["median_s"] > 0 and row["impls"]["stock"]["median_s"] > 0
@@ -30,18 +33,18 @@ def test_report_quick_writes_json_and_png(tmp_path, capsys):
     assert any(t["target"].startswith("MNISTNet train step batch 64") for t in result["targets"])
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a saved run renders again without measuring
-    bench.main(["--render", str(out_json)])
+    report.main(["--render", str(out_json)])
     assert capsys.readouterr().out.strip() == table.strip()
 
 
 def test_report_rejects_unknown_dtype():
     with pytest.raises(SystemExit):
-        bench.parse_args(["--dtypes", "float8"])
+        report.parse_args(["--dtypes", "float8"])
 
 
 def test_interleaved_timing_alternates_and_counts():
     calls = []
-    samples = bench.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+    samples = timing.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
                                      repeats=3, block_s=0.0, warmup=1)
     assert [len(v) for v in samples.values()] == [3, 3]
     # warm-up (a, b), then one call per block in the orders a b, b a, a b
@@ -62,6 +65,26 @@ def test_benchmark_suite_imports_and_one_tiny_case_runs():
     assert any(hasattr(m, "test_train_step") for m in modules)
     assert any(hasattr(m, "pytest_generate_tests") for m in modules)
     # one tiny case of each kind, run once
-    bench.make_cross_entropy("ours", 4, 10)()
-    bench.make_linear_relu("stock", 4, 128, 64, "bfloat16")()
-    bench.make_train_step("ours", 4)()
+    cases.make_cross_entropy("ours", 4, 10)()
+    cases.make_linear_relu("stock", 4, 128, 64, "bfloat16")()
+    cases.make_train_step("ours", 4)()
+
+
+def test_report_runs_with_a_forced_cpu_capability(tmp_path):
+    """--capability re-runs the report in a child process with ATEN_CPU_CAPABILITY set (it must be
+    set before torch loads); the child's machine info says which kernels ran."""
+    out_json = tmp_path / "bench.json"
+    report.main(["--capability", "default", "--quick", "--batch-sizes", "1", "--repeats", "1", "--block-ms", "0.1",
+                 "--epoch-samples", "64", "--pipeline-samples", "0", "--threads", "1", "--silent",
+                 "--out-json", str(out_json)])
+    machine = json.loads(out_json.read_text())["machine"]
+    assert machine["cpu_capability"] == "DEFAULT" and machine["aten_cpu_capability_env"] == "default"
+
+
+def test_report_refuses_a_capability_the_cpu_lacks(monkeypatch):
+    """In the child (ATEN_CPU_CAPABILITY already set), a capability ATen fell back from is an error."""
+    running = torch.backends.cpu.get_cpu_capability().lower()
+    other = "default" if running != "default" else "avx2"
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", other)
+    with pytest.raises(SystemExit, match=f"runs ATen's {running} kernels"):
+        report.main(["--capability", other, "--quick"])

@@ -17,20 +17,13 @@ import torch.nn.functional as F
 import mnist_fast
 from mnist_fast import functional as MF
 
+from helpers import DTYPES, LOW_PRECISION, TOL, assert_close
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HAVE_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAVE_CUDA, reason="no CUDA device on this machine")
 
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-# Parity with stock in the same dtype: bf16/fp16 round at different steps on each side.
-TOL = {
-    torch.float64: dict(rtol=1e-10, atol=1e-12),
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-}
 CUDA = torch.device("cuda")
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 @pytest.fixture(autouse=True)
@@ -50,10 +43,6 @@ def _grads(out, inputs, grad=None):
         grad = torch.randn_like(out)
     wanted = [t for t in inputs if t is not None and t.requires_grad]
     return torch.autograd.grad(out, wanted, grad)
-
-
-def _close(actual, expected, dtype):
-    torch.testing.assert_close(actual, expected, **TOL[dtype], equal_nan=True)
 
 
 # ---- linear_relu ----
@@ -80,7 +69,7 @@ def test_linear_relu_matches_stock(dtype, shape, out_features, bias):
     stock_args = [_leaf(t) if t is not None else None for t in args]
     fused = MF.linear_relu(*fused_args)
     stock = torch.relu(F.linear(*stock_args))
-    _close(fused, stock, dtype)
+    assert_close(fused, stock, dtype)
     grad = torch.randn_like(stock)
     if dtype in LOW_PRECISION:
         # Stock adds the bias inside the GEMM, before rounding; a pre-activation within an ulp of 0
@@ -89,7 +78,7 @@ def test_linear_relu_matches_stock(dtype, shape, out_features, bias):
         stock_args = [_leaf(t.float()) if t is not None else None for t in args]
         stock = torch.relu(F.linear(*stock_args)) * (fused.detach() > 0)
     for got, want in zip(_grads(fused, fused_args, grad), _grads(stock, stock_args, grad.to(stock.dtype))):
-        _close(got, want.to(dtype), dtype)
+        assert_close(got, want.to(dtype), dtype)
 
 
 @requires_cuda
@@ -104,8 +93,8 @@ def test_linear_relu_cuda_matches_cpu_kernel_float64():
     out_gpu = torch.ops.mnist_fast.linear_relu(x.cuda(), w.cuda(), b.cuda())
     torch.testing.assert_close(out_gpu.cpu(), out_cpu)
     mask = [True, True, True]
-    grads_cpu = torch.ops.mnist_fast.linear_relu_backward(g, x, w, out_cpu, mask)
-    grads_gpu = torch.ops.mnist_fast.linear_relu_backward(g.cuda(), x.cuda(), w.cuda(), out_gpu, mask)
+    grads_cpu = torch.ops.mnist_fast._linear_relu_backward(g, x, w, out_cpu, mask)
+    grads_gpu = torch.ops.mnist_fast._linear_relu_backward(g.cuda(), x.cuda(), w.cuda(), out_gpu, mask)
     for a, b_ in zip(grads_gpu, grads_cpu):
         torch.testing.assert_close(a.cpu(), b_)
 
@@ -121,8 +110,8 @@ def test_linear_relu_bias_grad_deterministic_many_rows(dtype):
     b = torch.randn(3, device=CUDA, dtype=dtype)
     out = torch.ops.mnist_fast.linear_relu(x, w, b)
     g = torch.randn_like(out)
-    first = torch.ops.mnist_fast.linear_relu_backward(g, x, w, out, [False, False, True])[2]
-    second = torch.ops.mnist_fast.linear_relu_backward(g, x, w, out, [False, False, True])[2]
+    first = torch.ops.mnist_fast._linear_relu_backward(g, x, w, out, [False, False, True])[2]
+    second = torch.ops.mnist_fast._linear_relu_backward(g, x, w, out, [False, False, True])[2]
     assert torch.equal(first, second)
     want = (g.double() * (out > 0)).sum(0)  # magnitude ~1e3: fp32 accumulation over 4M rows
     torch.testing.assert_close(first.double(), want, rtol=2e-3 if dtype == torch.float16 else 1e-4, atol=0.05)
@@ -215,10 +204,10 @@ def _ce_check(x, t, dtype, **kw):
     stock_kw = {k: (v.to(ref) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     fused = MF.cross_entropy(fx, ft, **kw)
     stock = F.cross_entropy(sx, st, **stock_kw)
-    _close(fused, stock.to(dtype), dtype)
+    assert_close(fused, stock.to(dtype), dtype)
     grad = torch.randn_like(fused)
     for got, want in zip(_grads(fused, [fx, ft], grad), _grads(stock, [sx, st], grad.to(ref))):
-        _close(got, want.to(dtype), dtype)
+        assert_close(got, want.to(dtype), dtype)
 
 
 @requires_cuda
@@ -277,9 +266,9 @@ def test_cross_entropy_cuda_matches_cpu_kernel_float64():
         for a, b in zip(gpu, cpu):
             torch.testing.assert_close(a.cpu(), b)
         g = torch.randn_like(cpu[0])
-        gx_cpu = torch.ops.mnist_fast.cross_entropy_backward(g, x, t, w, cpu[1], reduction, -100, 0.1,
+        gx_cpu = torch.ops.mnist_fast._cross_entropy_backward(g, x, t, w, cpu[1], reduction, -100, 0.1,
                                                              [True, False])[0]
-        gx_gpu = torch.ops.mnist_fast.cross_entropy_backward(g.cuda(), x.cuda(), t.cuda(), w.cuda(), gpu[1],
+        gx_gpu = torch.ops.mnist_fast._cross_entropy_backward(g.cuda(), x.cuda(), t.cuda(), w.cuda(), gpu[1],
                                                              reduction, -100, 0.1, [True, False])[0]
         torch.testing.assert_close(gx_gpu.cpu(), gx_cpu)
 
@@ -353,6 +342,8 @@ _BAD_INDEX = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {root!r})
     from mnist_fast import functional as MF
+
+from helpers import DTYPES, LOW_PRECISION, TOL, assert_close
     x = torch.randn({rows}, {classes}, device="cuda", requires_grad=True)
     t = torch.zeros({rows}, dtype=torch.long, device="cuda")
     t[{rows} // 2] = {bad}
@@ -360,7 +351,7 @@ _BAD_INDEX = textwrap.dedent("""
         if {backward}:
             with torch.no_grad():
                 lse = torch.logsumexp(x, 1)
-                torch.ops.mnist_fast.cross_entropy_backward(
+                torch.ops.mnist_fast._cross_entropy_backward(
                     torch.ones((), device="cuda"), x, t, None, lse, 1, -100, 0.0, [True, False])
         else:
             MF.cross_entropy(x, t)

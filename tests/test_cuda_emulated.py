@@ -19,20 +19,14 @@ import torch
 
 import mnist_fast  # noqa: F401  (the CPU kernels the emulated ones are compared with)
 
+from helpers import DTYPES, assert_close
+
 pytestmark = pytest.mark.slow
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EMU_HEADER = ROOT / "tests" / "cuda_emu" / "emu_cuda.h"
 BUILD = ROOT / "build" / "cuda_emu"
 OPS = torch.ops.mnist_fast
-
-TOL = {
-    torch.float64: dict(rtol=1e-10, atol=1e-12),
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-}
-DTYPES = list(TOL)
 
 WRAPPER = """\
 #include <torch/extension.h>
@@ -138,10 +132,6 @@ def _no_grad():
         yield
 
 
-def _close(actual, expected, dtype, what):
-    torch.testing.assert_close(actual, expected, **TOL[dtype], equal_nan=True, msg=lambda m: f"{what}: {m}")
-
-
 # ---- linear_relu ----
 
 LINEAR_SHAPES = [((64, 30), 128, True), ((300, 7), 100, True), ((130, 3), 40, True), ((3, 5, 7), 33, False),
@@ -158,17 +148,17 @@ def test_linear_relu_emulated(lr, dtype):
         x2 = x.double().reshape(math.prod(shape[:-1]), shape[-1])
         ref = torch.relu(x2 @ w.double().T + (b.double() if has_bias else 0))
         what = f"{dtype} {shape} -> {out_features}"
-        _close(y, ref.to(dtype).reshape(y.shape), dtype, "forward " + what)
+        assert_close(y, ref.to(dtype).reshape(y.shape), dtype, "forward " + what)
         # A dense grad and a stride-0 one; the ReLU mask is the kernel's own output's.
         for g in (torch.randn_like(y), torch.ones((), dtype=dtype).expand_as(y)):
             grad_pre = g.double().reshape(ref.shape) * (y.double().reshape(ref.shape) > 0)
             want = [(grad_pre @ w.double()).to(dtype).reshape(x.shape), (grad_pre.T @ x2).to(dtype),
                     grad_pre.sum(0).to(dtype)]
             for mask in ([True, True, True], [False, False, True], [True, False, False]):
-                got = lr.linear_relu_backward(g, x, w, y, mask)
+                got = lr._linear_relu_backward(g, x, w, y, mask)
                 for wanted, a, b_ in zip(mask, got, want):
                     if wanted:
-                        _close(a, b_, dtype, f"backward {what} {mask}")
+                        assert_close(a, b_, dtype, f"backward {what} {mask}")
                     else:
                         assert a is None
 
@@ -192,21 +182,21 @@ def _ce_case(ce, rows, classes, dtype, probabilities=False, weighted=False, smoo
     got = ce.cross_entropy_forward(x, t, w, reduction, ignore_index, smoothing)
     want = OPS.cross_entropy_forward(x, t, w, reduction, ignore_index, smoothing)
     assert ce.asserts() == 0, what
-    _close(got[0], want[0], dtype, "loss " + what)
-    _close(got[1], want[1], dtype, "logsumexp " + what)
+    assert_close(got[0], want[0], dtype, "loss " + what)
+    assert_close(got[1], want[1], dtype, "logsumexp " + what)
     g = torch.randn_like(want[0])
     if reduction == 0 and rows > 1:
         g = torch.randn((), dtype=dtype).expand(rows)  # stride 0, as from loss.sum().backward()
     masks = ([True, True], [False, True]) if probabilities else ([True, False],)
     for mask in masks:
-        got = ce.cross_entropy_backward(g, x, t, w, want[1], reduction, ignore_index, smoothing, mask)
-        expected = OPS.cross_entropy_backward(g.contiguous(), x, t, w, want[1], reduction, ignore_index, smoothing,
+        got = ce._cross_entropy_backward(g, x, t, w, want[1], reduction, ignore_index, smoothing, mask)
+        expected = OPS._cross_entropy_backward(g.contiguous(), x, t, w, want[1], reduction, ignore_index, smoothing,
                                               mask)
         for a, b in zip(got, expected):
             if b is None:
                 assert a is None
             else:
-                _close(a, b, dtype, f"grad {mask} " + what)
+                assert_close(a, b, dtype, f"grad {mask} " + what)
     assert ce.asserts() == 0, what
 
 
@@ -241,7 +231,7 @@ def test_cross_entropy_emulated_bad_index_asserts(ce):
     ce.cross_entropy_forward(x, t, None, 1, -100, 0.0)
     assert ce.asserts() > 0
     t[3] = -5
-    ce.cross_entropy_backward(torch.ones(()), x, t, None, torch.logsumexp(x.double(), 1), 1, -100, 0.0, [True, False])
+    ce._cross_entropy_backward(torch.ones(()), x, t, None, torch.logsumexp(x.double(), 1), 1, -100, 0.0, [True, False])
     assert ce.asserts() > 0
     x = torch.randn(2, 2000)  # a block per row
     ce.cross_entropy_forward(x, torch.tensor([0, 1 << 40]), None, 0, -100, 0.0)

@@ -20,6 +20,8 @@ import pytest
 import torch
 
 from mnist_fast import data, train
+from mnist_fast.checkpoint import load_checkpoint
+from mnist_fast.recipe import build_model
 
 pytestmark = pytest.mark.slow
 
@@ -85,12 +87,12 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert victim.poll() is None, "the run ended before it could be killed"
     victim.send_signal(signal.SIGKILL)
     assert victim.wait(timeout=30) == -signal.SIGKILL
-    epochs_done = train.load_checkpoint(resumed)["epochs_done"]
+    epochs_done = load_checkpoint(resumed)["epochs_done"]
     assert 1 <= epochs_done < 4
 
     out = _run([*options, "--checkpoint", resumed, "--resume"], tmp_path)
     assert f"resumed from {resumed} after epoch {epochs_done}" in out
-    a, b = train.load_checkpoint(straight)["model"], train.load_checkpoint(resumed)["model"]
+    a, b = load_checkpoint(straight)["model"], load_checkpoint(resumed)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -113,9 +115,9 @@ def test_two_rank_ddp_ends_with_identical_parameters(tmp_path):
     assert rank0.keys() == rank1.keys()
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
-    checkpoint = train.load_checkpoint(tmp_path / "ddp.pt")
+    checkpoint = load_checkpoint(tmp_path / "ddp.pt")
     assert checkpoint["options"]["world_size"] == 2
     assert all(torch.equal(checkpoint["model"][k], rank0[k]) for k in rank0)
     torch.manual_seed(0)
-    initial, _ = train.build_model("fused")
+    initial, _ = build_model("fused")
     assert not torch.equal(initial.state_dict()["output.weight"], rank0["output.weight"])  # it trained

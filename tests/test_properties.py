@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mnist_fast import functional as MF
-from conftest import DEVICES
+from helpers import DEVICES, EXACT_TOL as TOL
 
 settings.register_profile("default", max_examples=60, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -22,7 +22,6 @@ settings.register_profile("explore", max_examples=1000, deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 LAYOUTS = ["contiguous", "transposed", "sliced", "stride0"]
-TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-4)}
 
 
 def laid_out(values: torch.Tensor, layout: str) -> torch.Tensor:

@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from mnist_fast import data, mnist_pickle, train
+from mnist_fast.checkpoint import (CHECKPOINT_KIND, CHECKPOINT_VERSION, CheckpointError, atomic_write, load_checkpoint,
+                                   restore_checkpoint)
 from mnist_fast.data import write_idx
-from mnist_fast.train import CheckpointError, main, parse_args
+from mnist_fast.recipe import build_model, build_optimizer, learning_rate
+from mnist_fast.train import main, parse_args
 
 
 def write_banded_dataset(folder, n_train=320, n_test=80, seed=0):
@@ -44,7 +47,7 @@ def run(data_dir, tmp_path):
 
 
 def _weights(path):
-    return train.load_checkpoint(path)["model"]
+    return load_checkpoint(path)["model"]
 
 
 def _assert_same_weights(a, b):
@@ -235,20 +238,20 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(run, tmp_path, m
     undo = _interrupt_after(monkeypatch, epochs=2)
     assert run("--epochs", "4", "--checkpoint", str(resumed), *options) == 130
     assert "continue with --resume" in capsys.readouterr().err
-    assert train.load_checkpoint(resumed)["epochs_done"] == 2  # the interrupted epoch is lost, no more
+    assert load_checkpoint(resumed)["epochs_done"] == 2  # the interrupted epoch is lost, no more
     undo()
 
     assert run("--epochs", "4", "--checkpoint", str(resumed), "--resume", *options) == 0
     assert "resumed from" in capsys.readouterr().out
     _assert_same_weights(_weights(straight), _weights(resumed))
-    assert [h["epoch"] for h in train.load_checkpoint(resumed)["history"]] == [1, 2, 3, 4]
+    assert [h["epoch"] for h in load_checkpoint(resumed)["history"]] == [1, 2, 3, 4]
 
 
 def test_constant_schedule_runs_can_be_extended(run, tmp_path):
     checkpoint = tmp_path / "run.pt"
     assert run("--epochs", "1", "--schedule", "constant", "--checkpoint", str(checkpoint)) == 0
     assert run("--epochs", "2", "--schedule", "constant", "--checkpoint", str(checkpoint), "--resume") == 0
-    assert train.load_checkpoint(checkpoint)["epochs_done"] == 2
+    assert load_checkpoint(checkpoint)["epochs_done"] == 2
 
 
 @pytest.mark.parametrize("change, message", [
@@ -291,9 +294,9 @@ class _RunsCodeWhenLoaded:
 
 def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
     path = tmp_path / "evil.pt"
-    torch.save({"kind": train.CHECKPOINT_KIND, "payload": _RunsCodeWhenLoaded()}, path)
+    torch.save({"kind": CHECKPOINT_KIND, "payload": _RunsCodeWhenLoaded()}, path)
     with pytest.raises(CheckpointError, match="is not a readable checkpoint"):
-        train.load_checkpoint(path)
+        load_checkpoint(path)
     assert "a pickle ran this" not in capsys.readouterr().out
 
 
@@ -301,31 +304,31 @@ def test_other_files_are_not_checkpoints(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save({"hidden.0.weight": torch.zeros(2)}, path)
     with pytest.raises(CheckpointError, match="not an mnist_fast.train checkpoint"):
-        train.load_checkpoint(path)
+        load_checkpoint(path)
 
 
 def test_incomplete_checkpoint(tmp_path):
     path = tmp_path / "run.pt"
-    torch.save({"kind": train.CHECKPOINT_KIND, "version": train.CHECKPOINT_VERSION, "epochs_done": 1}, path)
+    torch.save({"kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "epochs_done": 1}, path)
     with pytest.raises(CheckpointError, match="is incomplete: it has no options, model, optimizer, rng, history"):
-        train.load_checkpoint(path)
+        load_checkpoint(path)
 
 
 def test_checkpoint_of_another_model_shape_loads_nothing(run, tmp_path):
     checkpoint = tmp_path / "run.pt"
     assert run("--epochs", "1", "--checkpoint", str(checkpoint)) == 0
-    state = train.load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint)
     state["model"]["hidden.0.weight"] = torch.zeros(100, 784)
     state["model"]["extra"] = torch.zeros(1)
 
     args = parse_args(["--epochs", "1", "--batch-size", "32", "--no-download"])
     torch.manual_seed(1)
-    model, _ = train.build_model("fused")
-    optimizer = train.build_optimizer(args, model.parameters())
+    model, _ = build_model("fused")
+    optimizer = build_optimizer(args, model.parameters())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointError, match=r"different model: .*hidden.0.weight: shape \(100, 784\) in the "
                                               r"checkpoint, \(128, 784\) in the model.*unexpected extra"):
-        train.restore_checkpoint(checkpoint, state, state["options"], model, optimizer)
+        restore_checkpoint(checkpoint, state, state["options"], model, optimizer)
     _assert_same_weights(before, model.state_dict())
     assert not optimizer.state
 
@@ -339,7 +342,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        train._atomic_write(path, broken_writer)
+        atomic_write(path, broken_writer)
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["run.pt"]
 
 
@@ -353,7 +356,7 @@ def test_example_script_runs(data_dir, monkeypatch, capsys):
 
 def test_cosine_schedule_decays_from_lr_towards_zero():
     args = parse_args(["--epochs", "4", "--lr", "0.1"])
-    rates = [train.learning_rate(args, epoch) for epoch in range(4)]
+    rates = [learning_rate(args, epoch) for epoch in range(4)]
     assert rates[0] == pytest.approx(0.1) and rates == sorted(rates, reverse=True) and rates[-1] < 0.02
     constant = parse_args(["--epochs", "4", "--lr", "0.1", "--schedule", "constant"])
-    assert [train.learning_rate(constant, epoch) for epoch in range(4)] == [0.1] * 4
+    assert [learning_rate(constant, epoch) for epoch in range(4)] == [0.1] * 4

@@ -7,20 +7,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.library import opcheck
 
+from mnist_fast import models
 from mnist_fast.models import MNISTNet
 from mnist_fast.nn import LinearReLU, fuse
 from mnist_fast.trainer import FusedTrainer
 
-from conftest import TOL
+from helpers import TOL, assert_same_params
 
 
 def stock_mlp(sizes=(784, 32, 16, 10)):
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i + 2 < len(sizes):
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+    """The lesson's stock MLP (mnist_fast.models.stock_mlp), narrower by default: quick steps."""
+    return models.stock_mlp(sizes)
 
 
 def make_batches(batch_sizes, in_shape=(1, 28, 28), classes=10, dtype=torch.float32, seed=1):
@@ -51,13 +48,6 @@ def fused_run(trainer, batches):
         losses.append(loss)
         correct.append(c)
     return losses, correct
-
-
-def assert_same_params(a, b, **tol):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        torch.testing.assert_close(sa[k], sb[k], **tol, msg=lambda m: f"{k}: {m}")
 
 
 SGD_CONFIGS = [
@@ -388,7 +378,7 @@ def test_opcheck():
 
 def _small_mlp():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 5))
+    return stock_mlp((12, 9, 5))
 
 
 def test_frozen_parameters_are_refused():

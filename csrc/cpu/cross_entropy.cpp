@@ -304,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_cpu(const at::Tensor& 
 
 TORCH_LIBRARY_IMPL(mnist_fast, CPU, m) {
   m.impl("cross_entropy_forward", TORCH_FN(cross_entropy_forward_cpu));
-  m.impl("cross_entropy_backward", TORCH_FN(cross_entropy_backward_cpu));
+  m.impl("_cross_entropy_backward", TORCH_FN(cross_entropy_backward_cpu));
 }
 
 }  // namespace mnist_fast

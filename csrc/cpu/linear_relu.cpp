@@ -28,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(const at
 
 TORCH_LIBRARY_IMPL(mnist_fast, CPU, m) {
   m.impl("linear_relu", TORCH_FN(linear_relu_cpu));
-  m.impl("linear_relu_backward", TORCH_FN(linear_relu_backward_cpu));
+  m.impl("_linear_relu_backward", TORCH_FN(linear_relu_backward_cpu));
 }
 
 }  // namespace mnist_fast

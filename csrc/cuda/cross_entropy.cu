@@ -571,7 +571,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_cuda(const at::Tensor&
 
 TORCH_LIBRARY_IMPL(mnist_fast, CUDA, m) {
   m.impl("cross_entropy_forward", TORCH_FN(cross_entropy_forward_cuda));
-  m.impl("cross_entropy_backward", TORCH_FN(cross_entropy_backward_cuda));
+  m.impl("_cross_entropy_backward", TORCH_FN(cross_entropy_backward_cuda));
 }
 
 }  // namespace mnist_fast

@@ -181,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(const a
 
 TORCH_LIBRARY_IMPL(mnist_fast, CUDA, m) {
   m.impl("linear_relu", TORCH_FN(linear_relu_cuda));
-  m.impl("linear_relu_backward", TORCH_FN(linear_relu_backward_cuda));
+  m.impl("_linear_relu_backward", TORCH_FN(linear_relu_backward_cuda));
 }
 
 }  // namespace mnist_fast

@@ -1,454 +1,45 @@
 """Benchmark report: the fused mnist_fast ops against stock PyTorch, in one process.
 
-    python -m mnist_fast.bench                       # full report (float32 + bfloat16, torch.compile rows)
-    python -m mnist_fast.bench --quick               # a few seconds: batch 1 and 64, no compile
-    python -m mnist_fast.bench --out-json bench.json --out-png bench.png --threads 2
+    python -m benchmarks.report                       # full report (float32 + bfloat16, torch.compile rows)
+    python -m benchmarks.report --quick               # a few seconds: batch 1 and 64, no compile
+    python -m benchmarks.report --out-json bench.json --out-png bench.png --threads 2
+    python -m benchmarks.report --capability avx2     # the ATen kernels of one CPU capability
 
-Every comparison runs its implementations interleaved in one process (warm-up first, then
-A B A B ... blocks, the order reversed every other repeat so drift hits both alike) and reports
-medians. The table shows stock/ours as the speedup: above 1 the fused op is faster, below 1 it is
-slower and the table says so. The same case builders back the pytest-benchmark suite in
-benchmarks/, so the suite and the report time the same code.
+Every comparison runs its implementations interleaved in one process (benchmarks/timing.py:
+warm-up first, then A B A B ... blocks, the order reversed every other repeat so drift hits both
+alike) and reports medians. The table shows stock/ours as the speedup: above 1 the fused op is
+faster, below 1 it is slower and the table says so. The cases (benchmarks/cases.py) also back the
+pytest-benchmark suite, so the suite and the report time the same code.
 """
-from __future__ import annotations
-
 import argparse
 import gc
 import importlib
+import importlib.util
 import json
 import math
 import os
-import platform
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-from torch import nn
 
-from .models import MNISTNet
-from .nn import CrossEntropyLoss, LinearReLU
-from .trainer import FusedTrainer
+if __package__ in (None, ""):  # run as a file (python benchmarks/report.py): import from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-__all__ = [
-    "DTYPES",
-    "make_linear_relu",
-    "make_gemms",
-    "make_step_gemms",
-    "make_cross_entropy",
-    "make_train_step",
-    "make_epoch",
-    "make_pipeline_epoch",
-    "saved_activation_bytes",
-    "peak_step_bytes",
-    "time_interleaved",
-    "warm",
-    "machine_info",
-    "main",
-]
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-LAYER_SHAPES = ((784, 128), (128, 64))
-CLASS_COUNTS = (10, 1000)
-IMPLS = ("ours", "stock", "ours_compiled", "stock_compiled")
+from benchmarks.cases import (CLASS_COUNTS, DTYPES, LAYER_SHAPES, make_cross_entropy, make_epoch,  # noqa: E402
+                              make_gemms, make_linear_relu, make_pipeline_epoch, make_step_gemms, make_train_step,
+                              peak_step_bytes, saved_activation_bytes)
+from benchmarks.timing import fmt_time, machine_info, summary, time_interleaved  # noqa: E402
 
 # The issue's targets (float32, one run, this 2-core CPU): speedup = stock / ours.
 CE_TARGETS = {(64, 10): 1.5, (1024, 10): 4.0, (64, 1000): 2.0}
 LINEAR_RELU_GEMM_LIMIT = 1.15  # fused fwd+bwd at 64x784->128 within 1.15x of its three GEMMs
 TRAIN_STEP_TARGET = {64: 1.25}  # and >= 1.0 at every batch size
 FUSED_STEP_EPOCH_TARGET = {64: 2.5, 512: 1.3}  # FusedTrainer epoch vs stock eager
-
-
-def _dtype(dtype) -> torch.dtype:
-    return DTYPES[dtype] if isinstance(dtype, str) else dtype
-
-
-def _compile(fn):
-    # A fresh compile per case: the cases share code objects, and dynamo's per-code cache limit
-    # would otherwise send later cases back to eager silently.
-    torch._dynamo.reset()
-    return torch.compile(fn, fullgraph=True, dynamic=False)
-
-
-def _split_impl(impl: str):
-    if impl not in IMPLS and impl != "stock_nll":
-        raise ValueError(f"unknown implementation {impl!r}; expected one of {IMPLS + ('stock_nll',)}")
-    return impl.split("_")[0], impl.endswith("_compiled")
-
-
-# ----------------------------------------------------------------------------------------------
-# Case builders. Each returns a zero-argument callable that runs one iteration; the setup
-# (tensors, modules, compilation on first call) happens outside the timed callable.
-# ----------------------------------------------------------------------------------------------
-
-
-def warm(run: Callable[[], None], times: int = 3) -> Callable[[], None]:
-    """Runs a case a few times before it is timed (compiles a compiled case, fills allocator
-    caches) and returns it."""
-    for _ in range(times):
-        run()
-    return run
-
-
-def make_linear_relu(impl: str, batch: int, in_features: int, out_features: int, dtype="float32",
-                     backward: bool = True) -> Callable[[], None]:
-    """Linear+ReLU: ours is one LinearReLU module; stock is nn.Linear then nn.ReLU (the pair that
-    fuse() replaces). forward runs under no_grad; backward=True is forward + .backward(grad) with
-    every grad (input, weight, bias) computed, the parameters' .grad reset first as zero_grad does."""
-    kind, compiled = _split_impl(impl)
-    dt = _dtype(dtype)
-    torch.manual_seed(0)
-    linear = nn.Linear(in_features, out_features).to(dt)
-    if kind == "ours":
-        fn = LinearReLU.from_linear(linear)
-    else:
-        relu = nn.ReLU()
-
-        def fn(x):
-            return relu(linear(x))
-
-    if compiled:
-        fn = _compile(fn)
-    x = torch.randn(batch, in_features, dtype=dt, requires_grad=backward)
-    if not backward:
-        def run():
-            with torch.no_grad():
-                fn(x)
-        return run
-    grad = torch.randn(batch, out_features, dtype=dt)
-    leaves = (x, linear.weight, linear.bias)
-
-    def run():
-        for t in leaves:
-            t.grad = None
-        fn(x).backward(grad)
-    return run
-
-
-def make_gemms(batch: int, in_features: int, out_features: int, dtype="float32") -> Callable[[], None]:
-    """The three GEMMs of a Linear forward+backward alone (x W^T, g W, g^T x): the floor that a
-    fused Linear+ReLU forward+backward can approach."""
-    dt = _dtype(dtype)
-    torch.manual_seed(0)
-    x = torch.randn(batch, in_features, dtype=dt)
-    w = torch.randn(out_features, in_features, dtype=dt)
-    g = torch.randn(batch, out_features, dtype=dt)
-    wt, gt = w.t(), g.t()
-
-    def run():
-        torch.mm(x, wt)
-        torch.mm(g, w)
-        torch.mm(gt, x)
-    return run
-
-
-def make_step_gemms(batch: int, dtype="float32") -> Callable[[], None]:
-    """The eight GEMMs of one 784-128-64-10 train step alone (forward of each layer, weight grad of
-    each layer, input grad of layers 2 and 3): what no per-op fusion removes from a train step."""
-    dt = _dtype(dtype)
-    torch.manual_seed(0)
-    sizes = (784, 128, 64, 10)
-    acts = [torch.randn(batch, f, dtype=dt) for f in sizes]
-    weights = [torch.randn(o, i, dtype=dt) for i, o in zip(sizes[:-1], sizes[1:])]
-
-    def run():
-        for k, w in enumerate(weights):
-            torch.mm(acts[k], w.t())  # forward
-            torch.mm(acts[k + 1].t(), acts[k])  # weight grad
-            if k > 0:
-                torch.mm(acts[k + 1], w)  # input grad
-    return run
-
-
-def make_cross_entropy(impl: str, batch: int, classes: int, dtype="float32",
-                       backward: bool = True) -> Callable[[], None]:
-    """Cross-entropy of (batch, classes) logits with class-index targets, reduction 'mean'.
-    ours: mnist_fast.CrossEntropyLoss; stock: nn.CrossEntropyLoss; stock_nll: LogSoftmax+NLLLoss.
-    backward=True includes loss.backward() (the autograd engine) as a training step does."""
-    kind, compiled = _split_impl(impl)
-    dt = _dtype(dtype)
-    torch.manual_seed(0)
-    if kind == "ours":
-        fn = CrossEntropyLoss()
-    elif impl == "stock_nll":
-        log_softmax, nll = nn.LogSoftmax(dim=1), nn.NLLLoss()
-
-        def fn(logits, target):
-            return nll(log_softmax(logits), target)
-    else:
-        fn = nn.CrossEntropyLoss()
-    if compiled:
-        fn = _compile(fn)
-    logits = torch.randn(batch, classes, dtype=dt, requires_grad=backward)
-    target = torch.randint(0, classes, (batch,))
-    if not backward:
-        def run():
-            with torch.no_grad():
-                fn(logits, target)
-        return run
-
-    def run():
-        logits.grad = None
-        fn(logits, target).backward()
-    return run
-
-
-def stock_mnist_net(fused: Optional[MNISTNet] = None) -> nn.Sequential:
-    """The lesson's 784-128-64-10 network from stock layers; with `fused`, the same weights."""
-    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
-                        nn.Linear(64, 10))
-    if fused is not None:
-        with torch.no_grad():
-            for dst, src in zip((net[1], net[3], net[5]), (fused.hidden[0], fused.hidden[1], fused.output)):
-                dst.weight.copy_(src.weight)
-                dst.bias.copy_(src.bias)
-    return net
-
-
-def _train_parts(kind: str, dtype):
-    """(model, loss_fn) of one implementation; both start from the same weights."""
-    torch.manual_seed(0)
-    fused = MNISTNet()
-    if kind == "ours":
-        return fused.to(dtype), CrossEntropyLoss()
-    return stock_mnist_net(fused).to(dtype), nn.CrossEntropyLoss()
-
-
-def _step_fn(impl: str, dtype, lr: float = 0.01, momentum: float = 0.9):
-    if impl == "fused_step":  # the whole step as one op: mnist_fast.FusedTrainer
-        model, _ = _train_parts("ours", dtype)
-        trainer = FusedTrainer(model, lr=lr, momentum=momentum)
-        return trainer.step
-    kind, compiled = _split_impl(impl)
-    model, loss_fn = _train_parts(kind, dtype)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-
-    def forward_loss(x, y):
-        return loss_fn(model(x), y)
-
-    if compiled:
-        forward_loss = _compile(forward_loss)
-
-    def step(x, y):
-        opt.zero_grad(set_to_none=True)
-        forward_loss(x, y).backward()
-        opt.step()
-    return step
-
-
-def make_train_step(impl: str, batch: int, dtype="float32") -> Callable[[], None]:
-    """One SGD (momentum 0.9) step of the 784-128-64-10 MNIST network on a (batch, 1, 28, 28)
-    batch: zero_grad, forward, cross-entropy, backward, optimizer step. ours: MNISTNet with
-    mnist_fast.CrossEntropyLoss; stock: nn.Sequential(Flatten, Linear, ReLU, ...) with
-    nn.CrossEntropyLoss. Under *_compiled, model+loss are compiled; backward and step stay eager."""
-    dt = _dtype(dtype)
-    step = _step_fn(impl, dt)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 1, 28, 28, generator=g).to(dt)
-    y = torch.randint(0, 10, (batch,), generator=g)
-    return lambda: step(x, y)
-
-
-_SYNTHETIC: Dict[int, tuple] = {}
-
-
-def synthetic_mnist(samples: int = 60000):
-    """(images uint8 (samples, 28, 28), labels int64 (samples,)), deterministic, cached."""
-    if samples not in _SYNTHETIC:
-        g = torch.Generator().manual_seed(2)
-        _SYNTHETIC.clear()
-        _SYNTHETIC[samples] = (torch.randint(0, 256, (samples, 28, 28), dtype=torch.uint8, generator=g),
-                               torch.randint(0, 10, (samples,), generator=g))
-    return _SYNTHETIC[samples]
-
-
-def make_epoch(impl: str, samples: int = 60000, batch: int = 64, dtype="float32") -> Callable[[], None]:
-    """One epoch of train steps over `samples` synthetic MNIST-shaped samples held as one
-    normalized float tensor (already shuffled: batches are consecutive slices, no DataLoader).
-    impl "fused_step" trains with mnist_fast.FusedTrainer."""
-    dt = _dtype(dtype)
-    images, labels = synthetic_mnist(samples)
-    x = ((images.to(torch.float32) / 255 - 0.5) / 0.5).unsqueeze(1).to(dt)
-    step = _step_fn(impl, dt)
-
-    def run():
-        for i in range(0, samples, batch):
-            step(x[i:i + batch], labels[i:i + batch])
-    return run
-
-
-class SyntheticMNIST(torch.utils.data.Dataset):
-    """A torchvision-style MNIST dataset on synthetic uint8 images: the same __getitem__ as
-    torchvision.datasets.MNIST (a PIL image through `transform`), with nothing downloaded."""
-
-    def __init__(self, samples: int = 60000, transform=None):
-        self.data, self.targets = synthetic_mnist(samples)
-        self.transform = transform
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, index):
-        from PIL import Image
-
-        img, target = self.data[index], int(self.targets[index])
-        img = Image.fromarray(img.numpy())
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, target
-
-
-def make_pipeline_epoch(impl: str, samples: int = 60000, batch: int = 64, num_workers: int = 0) -> Callable[[], None]:
-    """The lesson's pipeline, for reference: DataLoader(shuffle=True) over a torchvision-style
-    dataset with transforms.ToTensor() + Normalize((0.5,), (0.5,)), one train step per batch.
-    Needs torchvision."""
-    from torchvision import transforms
-
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
-    loader = torch.utils.data.DataLoader(SyntheticMNIST(samples, transform), batch_size=batch, shuffle=True,
-                                         num_workers=num_workers)
-    step = _step_fn(impl, torch.float32)
-
-    def run():
-        for x, y in loader:
-            step(x, y)
-    return run
-
-
-# ----------------------------------------------------------------------------------------------
-# Memory of a train step.
-# ----------------------------------------------------------------------------------------------
-
-
-def saved_activation_bytes(impl: str, batch: int, dtype="float32") -> Dict[str, int]:
-    """Bytes that autograd keeps for backward during one forward of the train step (model and
-    loss), counted with torch.autograd.graph.saved_tensors_hooks, each storage once.
-    'activations' leaves out the parameters (they live anyway); 'total' includes them."""
-    kind, _ = _split_impl(impl)
-    dt = _dtype(dtype)
-    model, loss_fn = _train_parts(kind, dt)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: Dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
-        return t
-
-    x = torch.randn(batch, 1, 28, 28).to(dt)
-    y = torch.randint(0, 10, (batch,))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn(model(x), y)
-    loss.backward()
-    activations = sum(n for p, n in storages.items() if p not in params)
-    return {"activations": activations, "total": sum(storages.values())}
-
-
-def peak_step_bytes(impl: str, batch: int, dtype="float32") -> int:
-    """Peak bytes allocated by the CPU allocator during forward, loss and backward of one train
-    step, starting as zero_grad(set_to_none=True) leaves it (so the new .grad buffers count, the
-    same for both), from torch.profiler's memory events. The optimizer step is left out: it is
-    the same code for both."""
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop chatter
-    from torch.profiler import ProfilerActivity, profile
-
-    kind, _ = _split_impl(impl)
-    dt = _dtype(dtype)
-    model, loss_fn = _train_parts(kind, dt)
-    x = torch.randn(batch, 1, 28, 28).to(dt)
-    y = torch.randint(0, 10, (batch,))
-    loss_fn(model(x), y).backward()  # warm-up
-    model.zero_grad(set_to_none=True)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        loss_fn(model(x), y).backward()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
-# ----------------------------------------------------------------------------------------------
-# Timing.
-# ----------------------------------------------------------------------------------------------
-
-
-CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
-
-
-def time_interleaved(fns: Dict[str, Callable[[], None]], repeats: int = 15, block_s: float = 0.01,
-                     warmup: int = 3, clock: str = "wall") -> Dict[str, List[float]]:
-    """Seconds per call of each function: warm-up, then `repeats` rounds in which every function
-    runs one block of calls (enough for about block_s), in A B C order, reversed every other
-    round. Garbage collection is off while the rounds run, as in timeit.
-
-    clock 'wall' is time.perf_counter; 'thread' is the CPU time of the calling thread
-    (time.thread_time), which leaves out the time the process waits for a core on a busy
-    machine; it only counts everything when torch runs on one thread (--threads 1)."""
-    timer = CLOCKS[clock]
-    names = list(fns)
-    numbers = {}
-    for name in names:  # warm-up; the last warm-up call sizes the blocks
-        for _ in range(max(1, warmup)):
-            t0 = timer()
-            fns[name]()
-            dt = timer() - t0
-        numbers[name] = max(1, min(100000, int(block_s / max(dt, 1e-9))))
-    samples: Dict[str, List[float]] = {name: [] for name in names}
-    gc_was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(repeats):
-            for name in (names if r % 2 == 0 else names[::-1]):
-                f, n = fns[name], numbers[name]
-                t0 = timer()
-                for _ in range(n):
-                    f()
-                samples[name].append((timer() - t0) / n)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return samples
-
-
-def _summary(samples: List[float]) -> dict:
-    q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
-    return {"median_s": statistics.median(samples), "p25_s": q[0], "p75_s": q[2], "samples_s": samples}
-
-
-def machine_info() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    from . import __version__
-
-    return {
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "torch_version": torch.__version__,
-        "mnist_fast_version": __version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "blas": "mkldnn" if torch.backends.mkldnn.is_available() else "",
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-
-
-# ----------------------------------------------------------------------------------------------
-# The report.
-# ----------------------------------------------------------------------------------------------
+CAPABILITIES = ("default", "avx2", "avx512")
 
 
 class Report:
@@ -462,7 +53,7 @@ class Report:
         """Time fns (keys 'ours', 'stock', and optional others) interleaved; add one table row."""
         samples = time_interleaved(fns, repeats=repeats or self.args.repeats, block_s=self.args.block_ms / 1e3,
                                    warmup=warmup, clock=self.args.clock)
-        stats = {name: _summary(s) for name, s in samples.items()}
+        stats = {name: summary(s) for name, s in samples.items()}
         ours, stock = stats["ours"]["median_s"], stats["stock"]["median_s"]
         # Per-round ratios pair blocks that ran next to each other: their spread shows the noise.
         ratios = sorted(b / a for a, b in zip(samples["ours"], samples["stock"]))
@@ -471,17 +62,9 @@ class Report:
                "speedup": stock / ours, "speedup_p10": lo, "speedup_p90": hi, "target": target, **(extra or {})}
         self.rows.append(row)
         if not self.args.silent:
-            print(f"  {bench:28s} {shape:22s} {dtype:9s} ours {_fmt_time(ours):>10s}  stock {_fmt_time(stock):>10s}"
+            print(f"  {bench:28s} {shape:22s} {dtype:9s} ours {fmt_time(ours):>10s}  stock {fmt_time(stock):>10s}"
                   f"  {stock / ours:5.2f}x", file=sys.stderr, flush=True)
         return row
-
-
-def _fmt_time(s: float) -> str:
-    if s < 1e-3:
-        return f"{s * 1e6:.1f} µs"
-    if s < 1:
-        return f"{s * 1e3:.2f} ms"
-    return f"{s:.2f} s"
 
 
 def _fmt_bytes(n: int) -> str:
@@ -541,8 +124,8 @@ def run_report(args) -> dict:
 
     say("# floors: the autograd engine and the GEMMs")
     floors = measure_floors(args)
-    say(f"  sum().backward() of a [64, 10] leaf: {_fmt_time(floors['engine_floor_s'])}; three GEMMs of a "
-        f"64x784->128 Linear fwd+bwd: {_fmt_time(floors['gemms_64x784x128_s'])} "
+    say(f"  sum().backward() of a [64, 10] leaf: {fmt_time(floors['engine_floor_s'])}; three GEMMs of a "
+        f"64x784->128 Linear fwd+bwd: {fmt_time(floors['gemms_64x784x128_s'])} "
         f"({floors['gemm_gflops_64x784x128']:.0f} GFLOP/s)")
 
     say("# cross-entropy, forward+backward (loss.backward() included) and forward (no_grad)")
@@ -631,9 +214,7 @@ def run_report(args) -> dict:
                     repeats=args.epoch_repeats, warmup=1, target=f"≥ {need}×", batch=n,
                     extra={"op": "fused_step_epoch", "target_min": need})
     if args.pipeline_samples > 0:
-        try:
-            import torchvision  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("torchvision") is None:
             say("  (torchvision not installed: DataLoader pipeline skipped)")
         else:
             rep.compare("epoch, DataLoader+transforms", f"{args.pipeline_samples} samples, batch 64", "float32",
@@ -690,15 +271,16 @@ def targets(result: dict) -> List[dict]:
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"mnist_fast vs stock PyTorch {m['torch_version']} on {m['cpu_model']} "
-             f"({m['torch_threads']} thread(s), {m['cpu_count']} CPUs), medians of "
+             f"({m['torch_threads']} thread(s), {m['cpu_count']} CPUs, CPU capability "
+             f"{m.get('cpu_capability', 'not recorded')}), medians of "
              f"{result['config']['repeats']} interleaved repeats, {result['config']['clock']} clock; "
              f"speedup = stock / ours of the medians; p10–p90: spread of the per-round ratios (each round "
              f"times ours and stock back to back). Command: `{result['command']}`", ""]
     f = result.get("floors")
     if f:
         lines += [f"Floors in this run: `leaf.sum().backward()` of a [64, 10] leaf (the autograd engine) "
-                  f"{_fmt_time(f['engine_floor_s'])}; the three GEMMs of a 64x784->128 Linear forward+backward "
-                  f"{_fmt_time(f['gemms_64x784x128_s'])} ({f['gemm_gflops_64x784x128']:.0f} GFLOP/s).", ""]
+                  f"{fmt_time(f['engine_floor_s'])}; the three GEMMs of a 64x784->128 Linear forward+backward "
+                  f"{fmt_time(f['gemms_64x784x128_s'])} ({f['gemm_gflops_64x784x128']:.0f} GFLOP/s).", ""]
     summary = targets(result)
     if summary:
         lines += ["Targets (float32):", "", "| target | measured | |", "|---|---|---|"]
@@ -711,15 +293,15 @@ def markdown(result: dict) -> str:
         notes = _verdict(row)
         if "stock_eager" in row["impls"]:
             eager = row["impls"]["stock_eager"]["median_s"]
-            notes = "; ".join(filter(None, [notes, f"stock eager {_fmt_time(eager)}, "
+            notes = "; ".join(filter(None, [notes, f"stock eager {fmt_time(eager)}, "
                                                    f"ours compiled vs stock eager "
                                                    f"{eager / row['impls']['ours']['median_s']:.2f}×"]))
         if "gemms" in row["impls"] and "gemm_ratio_limit" not in row:
-            notes = "; ".join(filter(None, [notes, f"GEMMs alone {_fmt_time(row['impls']['gemms']['median_s'])}: "
+            notes = "; ".join(filter(None, [notes, f"GEMMs alone {fmt_time(row['impls']['gemms']['median_s'])}: "
                                                    f"ours/GEMMs {row['ours_over_gemms']:.2f}, "
                                                    f"stock/GEMMs {row['stock_over_gemms']:.2f}"]))
         lines.append(f"| {row['bench']} | {row['shape']} | {row['dtype']} | "
-                     f"{_fmt_time(row['impls']['ours']['median_s'])} | {_fmt_time(row['impls']['stock']['median_s'])} | "
+                     f"{fmt_time(row['impls']['ours']['median_s'])} | {fmt_time(row['impls']['stock']['median_s'])} | "
                      f"{row['speedup']:.2f}× | {_spread(row)} | {notes} |")
     if result.get("memory"):
         lines += ["", "Memory of one float32 train step: bytes saved for backward (saved-tensor hooks, each "
@@ -776,7 +358,7 @@ def _ints(text: str) -> List[int]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
-    p = argparse.ArgumentParser(prog="python -m mnist_fast.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-sizes", type=_ints, default=None, help="comma-separated (default 1,64,256,1024,4096)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved rounds per comparison (default 15)")
     p.add_argument("--block-ms", type=float, default=None, help="time per timed block of calls (default 20)")
@@ -793,7 +375,10 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--quick", action="store_true",
                    help="a few seconds: batch 1 and 64, 3 repeats, float32, small epochs, no compile")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+    p.add_argument("--capability", choices=CAPABILITIES, default=None,
+                   help="run with ATen's kernels for this CPU capability (ATEN_CPU_CAPABILITY, set in a child "
+                        "process: it must be set before torch loads); default: the best this CPU has")
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
                    help="wall: perf_counter; thread: CPU time of the calling thread, steadier on a busy "
                         "machine (use with --threads 1)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to compile)")
@@ -827,8 +412,25 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     return args
 
 
+def _rerun_with_capability(capability: str, argv: Sequence[str]) -> int:
+    """Run this report again in a child process whose ATEN_CPU_CAPABILITY is `capability`."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    return subprocess.run([sys.executable, "-m", "benchmarks.report", *argv], env=env, cwd=root).returncode
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.capability and not args.render:
+        if os.environ.get("ATEN_CPU_CAPABILITY") != args.capability:
+            code = _rerun_with_capability(args.capability, argv)
+            if code:
+                raise SystemExit(code)
+            return {"child_returncode": code}
+        running = torch.backends.cpu.get_cpu_capability().lower()
+        if running != args.capability:  # ATen falls back to the best the CPU has
+            raise SystemExit(f"--capability {args.capability}: this CPU runs ATen's {running} kernels at most")
     if args.render:
         with open(args.render) as f:
             result = json.load(f)
@@ -845,7 +447,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     gc.freeze()  # the long-lived objects of the imports: later collections skip them
     result = run_report(args)
     result["wall_s"] = time.time() - started
-    result["command"] = "python -m mnist_fast.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    result["command"] = "python -m benchmarks.report " + " ".join(argv)
     result["targets"] = targets(result)
     table = markdown(result)
     print(table)

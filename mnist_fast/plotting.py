@@ -1,0 +1,55 @@
+"""The figures of mnist_fast.train: loss/accuracy curves and the lesson's view_classify.
+
+matplotlib's object API with the Agg canvas: no pyplot, no display, no global state. matplotlib is
+imported on first use, so the library and the CLI without --plot/--show do not need it.
+"""
+from pathlib import Path
+from typing import List, Sequence
+
+import torch
+
+from .checkpoint import atomic_write
+
+__all__ = ["plot_history", "show_predictions"]
+
+
+def _save_figure(figure, path: Path) -> None:
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+
+
+def plot_history(history: List[dict], path: Path, title: str) -> None:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [h["epoch"] for h in history]
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    loss_ax, acc_ax = figure.subplots(1, 2)
+    loss_ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    loss_ax.plot(epochs, [h["test_loss"] for h in history], "o-", label="test")
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
+    loss_ax.legend()
+    acc_ax.plot(epochs, [100 * h["test_accuracy"] for h in history], "o-", color="tab:green")
+    acc_ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.suptitle(title)
+    _save_figure(figure, path)
+
+
+def show_predictions(images: torch.Tensor, labels: torch.Tensor, probabilities: torch.Tensor,
+                     classes: Sequence[str], path: Path) -> None:
+    """The lesson's view_classify for several images: each image beside its class probabilities."""
+    from matplotlib.figure import Figure
+
+    count = images.shape[0]
+    figure = Figure(figsize=(7, 2.2 * count), layout="constrained")
+    axes = figure.subplots(count, 2, squeeze=False, width_ratios=(1, 2))
+    for (image_ax, bar_ax), image, label, probs in zip(axes, images.cpu(), labels.cpu(), probabilities.cpu()):
+        image_ax.imshow(image.reshape(28, 28).numpy(), cmap="gray")
+        image_ax.set_title(f"true: {classes[int(label)]}\npredicted: {classes[int(probs.argmax())]}", fontsize=9)
+        image_ax.axis("off")
+        bar_ax.barh(range(len(classes)), probs.numpy())
+        bar_ax.set_yticks(range(len(classes)), classes, fontsize=8)
+        bar_ax.set_xlim(0, 1.1)
+        bar_ax.set_title("Class Probability", fontsize=9)
+    _save_figure(figure, path)

