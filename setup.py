@@ -91,6 +91,8 @@ def extension():
     if sanitize:
         cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
         ldflags += ["-fsanitize=address,undefined"]
+    if not (debug or sanitize):
+        ldflags.append("-Wl,--strip-debug")  # release: the wheel ships code, not 24 MB of DWARF
     kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=ldflags)
     if not want_cuda():
         return cpp_extension.CppExtension("mnist_fast._C", sources, **kwargs)
@@ -105,7 +107,15 @@ def extension():
     )
 
 
+def torch_requirement():
+    """The extension links against this torch's C++ ABI, which changes between minor releases: a wheel
+    built here works with this torch release only (its patch releases included)."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return f"torch=={major}.{minor}.*"
+
+
 setup(
+    install_requires=[torch_requirement(), "numpy", "tqdm"],
     packages=find_packages(include=["mnist_fast", "mnist_fast.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
