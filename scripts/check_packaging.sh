@@ -16,7 +16,14 @@ rm -rf "$WORK" && mkdir -p "$WORK/dist"
 echo "== build: sdist, then the wheel from the sdist (log: $WORK/build.log)"
 "$PY" -m build --no-isolation --outdir "$WORK/dist" . > "$WORK/build.log" 2>&1 || { tail -n 40 "$WORK/build.log"; exit 1; }
 SDIST=$(ls "$WORK"/dist/*.tar.gz)
-WHEEL=$(ls "$WORK"/dist/*.whl)
+# The manylinux tag: auditwheel checks the wheel's symbol versions and retags it; torch's own libraries
+# are the user's torch (the pin), never vendored.
+echo "== auditwheel repair (manylinux tag; torch's libraries excluded)"
+PATH="$(dirname "$PY"):$PATH" "$(dirname "$PY")/auditwheel" repair -w "$WORK/wheelhouse" \
+  --exclude 'libtorch*.so' --exclude 'libc10*.so' --exclude 'libcudart.so*' --exclude 'libcublas*.so*' \
+  "$WORK"/dist/*.whl > "$WORK/auditwheel.log" 2>&1 || { tail -n 20 "$WORK/auditwheel.log"; exit 1; }
+WHEEL=$(ls "$WORK"/wheelhouse/*.whl)
+case "$WHEEL" in *manylinux*) ;; *) echo "auditwheel gave no manylinux tag: $WHEEL"; exit 1 ;; esac
 
 echo "== contents"
 "$PY" - "$SDIST" "$WHEEL" <<'PYEOF'
