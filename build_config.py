@@ -113,7 +113,11 @@ def optimization_flags():
 
 
 def link_flags():
-    return ["-fsanitize=address,undefined"] if env_flag("MNIST_FAST_SANITIZE") else []
+    if env_flag("MNIST_FAST_SANITIZE"):
+        return ["-fsanitize=address,undefined"]
+    if env_flag("MNIST_FAST_DEBUG"):
+        return []
+    return ["-Wl,--strip-debug"]  # release: the wheel ships code, not 24 MB of DWARF
 
 
 def nvcc_flags():

@@ -66,7 +66,15 @@ def extension():
     )
 
 
+def torch_requirement():
+    """The extension links against this torch's C++ ABI, which changes between minor releases: a wheel
+    built here works with this torch release only (its patch releases included)."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return f"torch=={major}.{minor}.*"
+
+
 setup(
+    install_requires=[torch_requirement(), "numpy", "tqdm"],
     packages=find_packages(include=["mnist_fast", "mnist_fast.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

@@ -14,7 +14,14 @@ The compiled operators are registered with PyTorch as torch.ops.mnist_fast.*.
 """
 import torch  # noqa: F401  (the extension links against libtorch: load it first)
 
-from . import _C  # registers torch.ops.mnist_fast.*
+try:
+    from . import _C  # registers torch.ops.mnist_fast.*
+except ImportError as error:  # the usual causes, named: an unbuilt checkout, a wheel for another torch
+    raise ImportError(
+        f"mnist_fast's compiled extension could not be loaded from {__path__[0]}: {error}. In a source "
+        "checkout, build it first (`make build`, or `pip install --no-build-isolation .`); an installed "
+        f"wheel works only with the torch release it was built against (this is torch {torch.__version__})."
+    ) from error
 from . import _ops  # noqa: F401  (fake kernels for torch.compile and opcheck)
 from . import functional, models, nn
 from .nn import CrossEntropyLoss, LinearReLU, fuse
