@@ -3,18 +3,21 @@
 matplotlib's object API with the Agg canvas: no pyplot, no display, no global state. matplotlib is
 imported on first use, so the library and the CLI without --plot/--show do not need it.
 """
+import io
 from pathlib import Path
 from typing import List, Sequence
 
 import torch
 
-from .checkpoint import atomic_write
+from .checkpoint import write_output
 
 __all__ = ["plot_history", "show_predictions"]
 
 
 def _save_figure(figure, path: Path) -> None:
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    write_output(path, buffer.getvalue())
 
 
 def plot_history(history: List[dict], path: Path, title: str) -> None:

@@ -31,7 +31,9 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,20 +46,25 @@ from tqdm import tqdm
 
 from . import _C
 from . import data as mnist_data
-from .checkpoint import (CheckpointError, atomic_write, checkpoint_state, load_checkpoint, prepare_output_files,
-                         restore_checkpoint, run_options, save_checkpoint)
-from .distributed import Distributed, init_distributed, resolve_device
+from .checkpoint import (CheckpointError, checkpoint_state, load_checkpoint, prepare_output_files, restore_checkpoint,
+                         run_options, save_checkpoint, write_output)
+from .distributed import DEFAULT_DDP_TIMEOUT_S, Distributed, collective_failure, init_distributed, resolve_device
 from .plotting import plot_history, show_predictions
 from .recipe import build_model, build_optimizer, learning_rate, set_learning_rate
 from .trainer import FusedTrainer
 
-__all__ = ["main", "train", "parse_args", "build_model", "TrainResult", "CheckpointError",
+__all__ = ["main", "train", "parse_args", "build_model", "TrainResult", "CheckpointError", "TrainError",
            "save_checkpoint", "load_checkpoint"]
 
 DEFAULT_LR = {"sgd": 0.01, "adam": 0.001}
 DEFAULT_MOMENTUM = 0.9
 EVAL_BATCH_SIZE = 1000
 MAX_SHOW = 50  # rows of the --show figure; matplotlib refuses images much taller than that
+MAX_SEED = 2**32 - 1  # numpy's range; keeps every epoch's generator seed (see mnist_fast.data) in torch's range
+
+
+class TrainError(RuntimeError):
+    """A run that cannot go ahead as asked (an empty training set...); the message says why."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--threads", type=_non_negative_int, default=1,
         help="CPU threads (default: 1; 0: torch's choice). One thread is fastest for this small model on a "
              "shared machine, and a fixed count keeps resumed runs bit-identical")
-    add("--seed", type=int, default=0, help="seeds the initial weights and every epoch's shuffle (default: 0)")
+    add("--seed", type=_number(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED}"), default=0,
+        help=f"seeds the initial weights and every epoch's shuffle, 0..{MAX_SEED} (default: 0)")
     add("--limit", type=_positive_int, default=None, metavar="N", help="train on the first N training images only")
     add("--compile", action="store_true", help="torch.compile the model")
     add("--checkpoint", type=Path, default=None, metavar="PATH", help="write a checkpoint here after every epoch")
@@ -125,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"write a PNG of the first N (at most {MAX_SHOW}) test images with their predicted class probabilities")
     add("--show-file", type=Path, default=Path("predictions.png"), metavar="PNG",
         help="where --show writes (default: predictions.png)")
+    add("--ddp-timeout", type=_positive_float, default=DEFAULT_DDP_TIMEOUT_S, metavar="SECONDS",
+        help="under torchrun: how long a process waits for the others at a collective before it fails "
+             f"(default: {DEFAULT_DDP_TIMEOUT_S:g}; torch's own default is 1800)")
     return parser
 
 
@@ -242,7 +253,7 @@ def _train_epoch(model, criterion, optimizer, batches, device, progress):
 
 def train(args: argparse.Namespace) -> TrainResult:
     """Run the training that parsed options describe (see the module docstring)."""
-    env = init_distributed(args.device)
+    env = init_distributed(args.device, args.ddp_timeout)
     try:
         return _train(args, env)
     finally:
@@ -270,6 +281,10 @@ def _train(args, env: Distributed) -> TrainResult:
     args.dataset = dataset.name  # "auto" resolved: this is what the checkpoint records
     train_split = dataset.train.head(args.limit).to(device)
     test_split = dataset.test.to(device)
+    for name, split in (("training", train_split), ("test", test_split)):
+        if len(split) == 0:
+            raise TrainError(f"the {name} set of {dataset.name} in {dataset.source} is empty: nothing to "
+                             f"{'train on' if name == 'training' else 'score'}")
 
     if args.loader == "tensor":
         batches = mnist_data.Batches(train_split, args.batch_size, seed=args.seed,
@@ -291,7 +306,9 @@ def _train(args, env: Distributed) -> TrainResult:
     if args.resume:
         state = load_checkpoint(args.checkpoint)
         restore_checkpoint(args.checkpoint, state, options, model, optimizer)
-        history, start_epoch = list(state["history"]), int(state["epochs_done"])
+        history, start_epoch = list(state["history"]), state["epochs_done"]
+        if start_epoch > args.epochs:
+            raise CheckpointError(f"{args.checkpoint} has {start_epoch} epochs done, more than --epochs {args.epochs}")
         log(f"resumed from {args.checkpoint} after epoch {start_epoch}")
 
     train_model = model
@@ -349,7 +366,7 @@ def _report(args, dataset, model, test_split, history, start_epoch, log) -> None
         document = {"dataset": dataset.name, "options": {k: (str(v) if isinstance(v, Path) else v)
                                                            for k, v in vars(args).items()},
                     "history": history}
-        atomic_write(args.metrics, lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))
+        write_output(args.metrics, (json.dumps(document, indent=2) + "\n").encode())
         log(f"metrics: {args.metrics}")
     if args.plot is not None and history:
         plot_history(history, args.plot, f"{dataset.name}, {args.backend} backend")
@@ -367,21 +384,53 @@ def _report(args, dataset, model, test_split, history, start_epoch, log) -> None
 # Command line
 
 # Errors whose message tells the user what to do; anything else is a bug and keeps its traceback.
-_USER_ERRORS = (mnist_data.DatasetNotFoundError, mnist_data.IdxError, CheckpointError, OSError)
+_USER_ERRORS = (mnist_data.DatasetNotFoundError, mnist_data.IdxError, CheckpointError, TrainError, OSError)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (what torchrun, Slurm and Kubernetes send), raised where the run is, so that it stops as
+    Ctrl-C does: the checkpoint of the last finished epoch stays, a write in progress is dropped."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
+def _interrupted_message(args, terminated: bool) -> str:
+    message = "mnist_fast.train: " + ("terminated (SIGTERM)" if terminated else "interrupted")
+    if args.checkpoint is None:
+        return message
+    if not Path(args.checkpoint).is_file():
+        return f"{message} before the first epoch ended; no checkpoint was written"
+    return f"{message}; continue with --resume --checkpoint {args.checkpoint}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line: `python -m mnist_fast.train --help`. Returns the exit status."""
     args = parse_args(argv)
+    on_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
+    rank = os.environ.get("RANK", "0")
     try:
         train(args)
     except _USER_ERRORS as e:
         print(f"mnist_fast.train: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("mnist_fast.train: interrupted" + (f"; continue with --resume --checkpoint {args.checkpoint}"
-                                                  if args.checkpoint else ""), file=sys.stderr)
-        return 130
+    except RuntimeError as e:
+        reason = collective_failure(e)
+        if reason is None:
+            raise
+        print(f"mnist_fast.train: error: rank {rank}: {reason} (another process died, or is stuck past "
+              f"--ddp-timeout {args.ddp_timeout:g} s)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, _Terminated)
+        if rank == "0":  # rank 0 writes the checkpoint, and alone knows what it holds
+            print(_interrupted_message(args, terminated), file=sys.stderr)
+        return 128 + signal.SIGTERM if terminated else 130
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

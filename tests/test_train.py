@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from mnist_fast import data, train
-from mnist_fast.checkpoint import (CHECKPOINT_KIND, CHECKPOINT_VERSION, CheckpointError, atomic_write, load_checkpoint,
+from mnist_fast.checkpoint import (CHECKPOINT_KIND, CHECKPOINT_VERSION, CheckpointError, load_checkpoint,
                                    restore_checkpoint)
+from mnist_fast import checkpoint as checkpoint_module
 from mnist_fast.data import write_idx
 from mnist_fast.recipe import build_model, build_optimizer, learning_rate
 from mnist_fast.train import main, parse_args
@@ -332,16 +333,19 @@ def test_checkpoint_of_another_model_shape_loads_nothing(run, tmp_path):
     assert not optimizer.state
 
 
-def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "run.pt"
     path.write_bytes(b"old")
+    real_write = checkpoint_module._write
 
-    def broken_writer(tmp):
-        tmp.write_bytes(b"half")
-        raise OSError("disk full")
+    def broken_write(target, data, exclusive):
+        real_write(target, data[:2], exclusive)
+        raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write(path, broken_writer)
+    monkeypatch.setattr(checkpoint_module, "_write", broken_write)
+    with pytest.raises(OSError, match=r"^cannot write .*run.pt: No space left on device; the previous file is "
+                                      r"unchanged$"):
+        checkpoint_module.write_output(path, b"new")
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["run.pt"]
 
 
