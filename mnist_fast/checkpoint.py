@@ -35,7 +35,9 @@ CHECKPOINT_VERSION = 1
 # Options that define the trajectory of a run: a checkpoint resumes only with the same values.
 # --epochs counts too when the learning rate schedule depends on it.
 RUN_DEFINING_OPTIONS = ("dataset", "backend", "optimizer", "lr", "momentum", "schedule", "batch_size", "seed",
-                        "limit", "loader", "world_size")
+                        "limit", "loader", "world_size", "weight_decay", "label_smoothing", "val_split")
+# Options added after the first version 1 checkpoints: a checkpoint without one ran with this value.
+_ADDED_OPTIONS = {"weight_decay": 0.0, "label_smoothing": 0.0, "val_split": 0}
 
 
 class CheckpointError(RuntimeError):
@@ -312,8 +314,9 @@ def _check_optimizer_state(path: Path, saved: dict, optimizer, model: nn.Module)
 def restore_checkpoint(path: Path, state: dict, options: dict, model: nn.Module, optimizer) -> None:
     """Load model, optimizer and RNG states; all checks come first, so a mismatch loads nothing."""
     saved_options = state["options"]
-    differences = [f"--{name.replace('_', '-')} {value} (checkpoint: {saved_options.get(name)})"
-                   for name, value in options.items() if saved_options.get(name) != value]
+    saved = {name: saved_options.get(name, _ADDED_OPTIONS.get(name)) for name in options}
+    differences = [f"--{name.replace('_', '-')} {value} (checkpoint: {saved[name]})"
+                   for name, value in options.items() if saved[name] != value]
     if differences:
         hint = " (the cosine schedule depends on --epochs: only --schedule constant runs can be extended)" \
             if options.get("epochs") != saved_options.get("epochs") else ""

@@ -50,7 +50,9 @@ from .checkpoint import (CheckpointError, checkpoint_state, load_checkpoint, pre
                          run_options, save_checkpoint, write_output)
 from .distributed import DEFAULT_DDP_TIMEOUT_S, Distributed, collective_failure, init_distributed, resolve_device
 from .plotting import plot_history, show_predictions
-from .recipe import build_model, build_optimizer, learning_rate, set_learning_rate
+from .recipe import (build_fused_trainer, build_model, build_optimizer, learning_rate, set_learning_rate,
+                     training_criterion)
+from .run_log import MetricsLog, TensorBoardLog, tensorboard_available
 from .trainer import FusedTrainer
 
 __all__ = ["main", "train", "parse_args", "build_model", "TrainResult", "CheckpointError", "TrainError",
@@ -87,6 +89,12 @@ def _number(kind, accept: Callable, wanted: str):
 _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 _non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 _positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+_non_negative_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+_fraction = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+# What --output-dir DIR writes, and where (an explicit --checkpoint, --metrics, --plot or --show-file wins).
+OUTPUT_DIR_FILES = {"checkpoint": "checkpoint.pt", "metrics": "metrics.jsonl", "plot": "curves.png",
+                    "show_file": "predictions.png"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--momentum", type=float, default=None, help=f"SGD momentum (default: {DEFAULT_MOMENTUM}; the lesson used 0)")
     add("--schedule", choices=("cosine", "constant"), default="cosine",
         help="learning rate per epoch; cosine (default) decays from --lr towards 0 over --epochs")
+    add("--weight-decay", type=_non_negative_float, default=0.0, metavar="W",
+        help="L2 penalty added to the gradient, as torch.optim's weight_decay (default: 0)")
+    add("--label-smoothing", type=_fraction, default=0.0, metavar="EPS",
+        help="train on targets smoothed as nn.CrossEntropyLoss(label_smoothing=EPS) does, every backend "
+             "(default: 0); scores are always plain cross-entropy")
     add("--backend", choices=("fused", "fused-step", "stock"), default="fused",
         help="fused (default): mnist_fast's MNISTNet + CrossEntropyLoss; fused-step: the same model "
              "trained by mnist_fast.FusedTrainer (forward, loss, backward and SGD update in one op); "
@@ -124,15 +137,26 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=_number(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED}"), default=0,
         help=f"seeds the initial weights and every epoch's shuffle, 0..{MAX_SEED} (default: 0)")
     add("--limit", type=_positive_int, default=None, metavar="N", help="train on the first N training images only")
+    add("--val-split", type=_non_negative_int, default=0, metavar="N",
+        help="hold out N training images (picked by --seed) and score them after every epoch; the test set "
+             "is then scored once, at the end (default: 0, no validation set: the test set every epoch)")
+    add("--eval-test-every-epoch", action="store_true",
+        help="with --val-split: score the test set after every epoch too")
     add("--compile", action="store_true", help="torch.compile the model")
+    add("--output-dir", type=Path, default=None, metavar="DIR",
+        help="write the checkpoint, metrics and plot (and --show's figure) into DIR as "
+             + ", ".join(OUTPUT_DIR_FILES.values()) + "; an explicit path option wins")
     add("--checkpoint", type=Path, default=None, metavar="PATH", help="write a checkpoint here after every epoch")
-    add("--resume", action="store_true", help="continue the run saved in --checkpoint")
-    add("--plot", type=Path, default=None, metavar="PNG", help="write a plot of loss and accuracy per epoch")
-    add("--metrics", type=Path, default=None, metavar="JSON", help="write the per-epoch metrics")
+    add("--resume", action="store_true", help="continue the run saved in --checkpoint (or --output-dir)")
+    add("--plot", type=Path, default=None, metavar="PNG", help="write a plot of loss and accuracy per epoch at the end")
+    add("--metrics", type=Path, default=None, metavar="JSONL",
+        help="write the per-epoch metrics as JSON Lines, after every epoch (see mnist_fast.run_log)")
+    add("--tensorboard", type=Path, default=None, metavar="DIR",
+        help="log the per-epoch metrics for TensorBoard into DIR (needs the tensorboard package)")
     add("--show", type=_non_negative_int, default=0, metavar="N",
         help=f"write a PNG of the first N (at most {MAX_SHOW}) test images with their predicted class probabilities")
-    add("--show-file", type=Path, default=Path("predictions.png"), metavar="PNG",
-        help="where --show writes (default: predictions.png)")
+    add("--show-file", type=Path, default=None, metavar="PNG",
+        help="where --show writes (default: predictions.png, in --output-dir if given)")
     add("--ddp-timeout", type=_positive_float, default=DEFAULT_DDP_TIMEOUT_S, metavar="SECONDS",
         help="under torchrun: how long a process waits for the others at a collective before it fails "
              f"(default: {DEFAULT_DDP_TIMEOUT_S:g}; torch's own default is 1800)")
@@ -142,8 +166,21 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.plot_skipped = False
+    if args.output_dir is not None:
+        for name, file_name in OUTPUT_DIR_FILES.items():
+            if getattr(args, name) is None:
+                setattr(args, name, args.output_dir / file_name)
+        if args.plot == args.output_dir / OUTPUT_DIR_FILES["plot"] and importlib.util.find_spec("matplotlib") is None:
+            args.plot, args.plot_skipped = None, True  # not asked for by name: the run says so, and goes on
+    if args.show_file is None:
+        args.show_file = Path(OUTPUT_DIR_FILES["show_file"])
     if args.resume and args.checkpoint is None:
-        parser.error("--resume needs --checkpoint PATH (the checkpoint to continue from)")
+        parser.error("--resume needs --checkpoint PATH or --output-dir DIR (the checkpoint to continue from)")
+    if args.eval_test_every_epoch and not args.val_split:
+        parser.error("--eval-test-every-epoch goes with --val-split N (without one, the test set is scored every epoch)")
+    if args.tensorboard is not None and not tensorboard_available():
+        parser.error("--tensorboard needs the tensorboard package: pip install tensorboard")
     if args.optimizer == "adam" and args.momentum is not None:
         parser.error("--momentum applies to --optimizer sgd only")
     if args.momentum is not None and not 0 <= args.momentum < 1:
@@ -186,6 +223,8 @@ class TrainResult:
     model: nn.Module  # the trained model (unwrapped from DDP / torch.compile)
     dataset: str
     history: List[dict] = field(default_factory=list)
+    test_loss: Optional[float] = None  # the final scores (rank 0; None on the other ranks)
+    test_accuracy: Optional[float] = None
 
 
 def _load_data(args, log) -> mnist_data.Dataset:
@@ -271,6 +310,8 @@ def _train(args, env: Distributed) -> TrainResult:
 
     if env.rank == 0:
         prepare_output_files([args.checkpoint, args.plot, args.metrics, args.show_file if args.show else None])
+        if args.tensorboard is not None:
+            args.tensorboard.mkdir(parents=True, exist_ok=True)
 
     # Rank 0 finds (and maybe downloads) the data first, so that ranks don't download over each other.
     if env.active and env.rank != 0:
@@ -279,12 +320,14 @@ def _train(args, env: Distributed) -> TrainResult:
     if env.active and env.rank == 0:
         dist.barrier()
     args.dataset = dataset.name  # "auto" resolved: this is what the checkpoint records
-    train_split = dataset.train.head(args.limit).to(device)
-    test_split = dataset.test.to(device)
+    train_split, val_split = _hold_out(dataset.train.head(args.limit), args.val_split, args.seed)
+    train_split, test_split = train_split.to(device), dataset.test.to(device)
+    val_split = val_split.to(device) if val_split is not None else None
     for name, split in (("training", train_split), ("test", test_split)):
         if len(split) == 0:
             raise TrainError(f"the {name} set of {dataset.name} in {dataset.source} is empty: nothing to "
-                             f"{'train on' if name == 'training' else 'score'}")
+                             f"{'train on' if name == 'training' else 'score'}"
+                             + (f" (--val-split {args.val_split} holds out all the rest)" * bool(args.val_split)))
 
     if args.loader == "tensor":
         batches = mnist_data.Batches(train_split, args.batch_size, seed=args.seed,
@@ -293,10 +336,11 @@ def _train(args, env: Distributed) -> TrainResult:
         batches = mnist_data.LessonBatches(train_split, args.batch_size, seed=args.seed)
 
     torch.manual_seed(args.seed)
-    model, criterion = build_model(args.backend)
+    model, score_criterion = build_model(args.backend)
+    criterion = training_criterion(args.backend, args.label_smoothing)
     model.to(device)
     if args.backend == "fused-step":
-        optimizer = FusedTrainer(model, lr=args.lr, momentum=args.momentum)
+        optimizer = build_fused_trainer(args, model)
     else:
         optimizer = build_optimizer(args, model.parameters())
     options = run_options(args, env.world_size)
@@ -318,55 +362,108 @@ def _train(args, env: Distributed) -> TrainResult:
         train_model = torch.compile(train_model)
 
     optimizer_text = f"{args.optimizer} lr {args.lr}" + (f" momentum {args.momentum}" * (args.optimizer == "sgd"))
-    log(f"{dataset.name}: {len(train_split)} training / {len(test_split)} test images from {dataset.source}; "
+    optimizer_text += f" weight decay {args.weight_decay:g}" * bool(args.weight_decay)
+    optimizer_text += f", label smoothing {args.label_smoothing:g}" * bool(args.label_smoothing)
+    val_text = f" ({len(val_split)} held out for validation)" if val_split is not None else ""
+    log(f"{dataset.name}: {len(train_split)} training{val_text} / {len(test_split)} test images from {dataset.source}; "
         f"{args.backend} backend, {args.loader} loader, {optimizer_text}, batch {args.batch_size}, "
         f"device {device}" + (f", {env.world_size} processes" if env.active else ""))
+    if args.plot_skipped:
+        log("no plot: matplotlib is not installed (pip install matplotlib)")
 
-    for epoch in range(start_epoch, args.epochs):
-        batches.set_epoch(epoch)
-        set_learning_rate(optimizer, learning_rate(args, epoch))
-        progress = tqdm(total=batches.num_samples,
-                        desc=f"epoch {epoch + 1}/{args.epochs}", unit="img", unit_scale=True, leave=False,
-                        disable=None if env.rank == 0 else True, dynamic_ncols=True)
-        started = time.perf_counter()
-        loss_sum, seen = _train_epoch(train_model, criterion, optimizer, batches, device, progress)
-        if env.active:  # the train loss over all ranks' samples
-            totals = torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)])
-            dist.all_reduce(totals)
-            loss_sum, seen = totals[0], int(totals[1].item())
-        train_loss = loss_sum.item() / seen  # .item() also waits for the device, so the time is right
-        epoch_time = time.perf_counter() - started
-        progress.close()
-        if env.rank != 0:
-            continue
+    logs = _open_logs(args, dataset, history, start_epoch) if env.rank == 0 else []
+    final = {}
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            lr = learning_rate(args, epoch)
+            batches.set_epoch(epoch)
+            set_learning_rate(optimizer, lr)
+            progress = tqdm(total=batches.num_samples,
+                            desc=f"epoch {epoch + 1}/{args.epochs}", unit="img", unit_scale=True, leave=False,
+                            disable=None if env.rank == 0 else True, dynamic_ncols=True)
+            started = time.perf_counter()
+            loss_sum, seen = _train_epoch(train_model, criterion, optimizer, batches, device, progress)
+            if env.active:  # the train loss over all ranks' samples
+                totals = torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)])
+                dist.all_reduce(totals)
+                loss_sum, seen = totals[0], int(totals[1].item())
+            train_loss = loss_sum.item() / seen  # .item() also waits for the device, so the time is right
+            epoch_time = time.perf_counter() - started
+            progress.close()
+            if env.rank != 0:
+                continue
 
-        test_loss, test_accuracy = evaluate(model, criterion, test_split)
-        history.append({"epoch": epoch + 1, "train_loss": train_loss, "test_loss": test_loss,
-                        "test_accuracy": test_accuracy, "epoch_time_s": epoch_time,
-                        "samples_per_s": seen / epoch_time})
-        log(f"epoch {epoch + 1:>2}/{args.epochs}  train loss {train_loss:.4f}  test loss {test_loss:.4f}  "
-            f"test accuracy {100 * test_accuracy:.2f}%  {epoch_time:.2f} s ({seen / epoch_time:,.0f} images/s)")
-        if args.checkpoint is not None:
-            save_checkpoint(args.checkpoint, checkpoint_state(epoch + 1, options, model, optimizer, history))
+            record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss}
+            if val_split is not None:
+                record["val_loss"], record["val_accuracy"] = evaluate(model, score_criterion, val_split)
+            if val_split is None or args.eval_test_every_epoch:
+                record["test_loss"], record["test_accuracy"] = evaluate(model, score_criterion, test_split)
+            record.update(epoch_time_s=epoch_time, samples_per_s=seen / epoch_time)
+            history.append(record)
+            log(f"epoch {epoch + 1:>2}/{args.epochs}  train loss {train_loss:.4f}  " + _scores_text(record)
+                + f"  {epoch_time:.2f} s ({seen / epoch_time:,.0f} images/s)")
+            if args.checkpoint is not None:
+                save_checkpoint(args.checkpoint, checkpoint_state(epoch + 1, options, model, optimizer, history))
+            for run_log in logs:
+                run_log.add(record)
 
-    if env.rank == 0:
-        _report(args, dataset, model, test_split, history, start_epoch, log)
-    return TrainResult(model=model, dataset=dataset.name, history=history)
+        if env.rank == 0:
+            final = _report(args, dataset, model, score_criterion, test_split, history, start_epoch, log)
+            for run_log in logs:
+                if isinstance(run_log, MetricsLog):
+                    run_log.add({"final": final})
+    finally:
+        for run_log in logs:
+            run_log.close()
+    return TrainResult(model=model, dataset=dataset.name, history=history, test_loss=final.get("test_loss"),
+                       test_accuracy=final.get("test_accuracy"))
 
 
-def _report(args, dataset, model, test_split, history, start_epoch, log) -> None:
-    """The final summary and the files asked for."""
-    if history:
-        timed = history[start_epoch:] or history
-        mean_time = sum(h["epoch_time_s"] for h in timed) / len(timed)
-        epochs = f"{len(history)} epoch" + "s" * (len(history) != 1)
-        log(f"done: {dataset.name}, {epochs}, test accuracy {100 * history[-1]['test_accuracy']:.2f}%, "
-            f"mean epoch time {mean_time:.2f} s")
+def _hold_out(split: mnist_data.Split, count: int, seed: int):
+    """(training part, validation part or None): count samples picked by a generator seeded with seed, the
+    rest kept in their order. The same seed, --limit and count give the same split on every run."""
+    if not count:
+        return split, None
+    if count >= len(split):
+        raise TrainError(f"--val-split {count} leaves no training images: the training set has {len(split)}")
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    held = order[:count].sort().values
+    kept = order[count:].sort().values
+    return (mnist_data.Split(split.images[kept], split.labels[kept]),
+            mnist_data.Split(split.images[held], split.labels[held]))
+
+
+def _scores_text(record: dict) -> str:
+    parts = []
+    for split in ("val", "test"):
+        if f"{split}_loss" in record:
+            parts.append(f"{split} loss {record[f'{split}_loss']:.4f}  "
+                         f"{split} accuracy {100 * record[f'{split}_accuracy']:.2f}%")
+    return "  ".join(parts)
+
+
+def _open_logs(args, dataset, history, epochs_done) -> list:
+    """The per-epoch logs asked for, holding the epochs a resumed run already has."""
+    logs = []
     if args.metrics is not None:
-        document = {"dataset": dataset.name, "options": {k: (str(v) if isinstance(v, Path) else v)
-                                                           for k, v in vars(args).items()},
-                    "history": history}
-        write_output(args.metrics, (json.dumps(document, indent=2) + "\n").encode())
+        options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        logs.append(MetricsLog(args.metrics, {"dataset": dataset.name, "options": options}, history))
+    if args.tensorboard is not None:
+        logs.append(TensorBoardLog(args.tensorboard, epochs_done))
+    return logs
+
+
+def _report(args, dataset, model, criterion, test_split, history, start_epoch, log) -> dict:
+    """The final summary and the figures asked for; returns the final test scores."""
+    if history and "test_loss" in history[-1]:  # scored after the last epoch already
+        test_loss, test_accuracy = history[-1]["test_loss"], history[-1]["test_accuracy"]
+    else:
+        test_loss, test_accuracy = evaluate(model, criterion, test_split)
+    epochs = f"{len(history)} epoch" + "s" * (len(history) != 1)
+    timed = history[start_epoch:] or history
+    mean_time = sum(h["epoch_time_s"] for h in timed) / len(timed) if timed else 0.0
+    log(f"done: {dataset.name}, {epochs}, test accuracy {100 * test_accuracy:.2f}%, mean epoch time {mean_time:.2f} s")
+    if args.metrics is not None:
         log(f"metrics: {args.metrics}")
     if args.plot is not None and history:
         plot_history(history, args.plot, f"{dataset.name}, {args.backend} backend")
@@ -378,6 +475,7 @@ def _report(args, dataset, model, test_split, history, start_epoch, log) -> None
             probabilities = torch.softmax(model.eval()(images.flatten(1)), dim=1)
         show_predictions(images, labels, probabilities, dataset.classes, args.show_file)
         log(f"predictions: {args.show_file}")
+    return {"epochs": len(history), "test_loss": test_loss, "test_accuracy": test_accuracy}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -118,8 +118,11 @@ def test_run_learns_and_writes_its_files(run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "mnist: 320 training / 80 test images" in out
     assert out.count("test accuracy") == 4 and "done: mnist, 3 epochs" in out
-    history = json.loads(metrics.read_text())["history"]
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert lines[0]["run"]["dataset"] == "mnist" and lines[0]["run"]["options"]["lr"] == 0.05
+    history, final = lines[1:-1], lines[-1]["final"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert final == {"epochs": 3, "test_loss": history[-1]["test_loss"], "test_accuracy": history[-1]["test_accuracy"]}
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["test_accuracy"] > 0.5  # chance is 0.1
     for png in (plot, show):
