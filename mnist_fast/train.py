@@ -6,6 +6,7 @@
     python -m mnist_fast.train --backend stock                   # nn.Sequential + LogSoftmax + NLLLoss
     python -m mnist_fast.train --backend fused-step              # the whole SGD step as one fused op
     python -m mnist_fast.train --checkpoint run.pt               # ... then after a kill, add --resume
+    python -m mnist_fast.train --output-dir runs/a --val-split 5000   # checkpoint, metrics.jsonl, curves.png there
     torchrun --nproc_per_node=2 -m mnist_fast.train              # DistributedDataParallel
 
 Defaults: SGD with momentum 0.9, lr 0.01 decayed by a cosine over the epochs, batch 64, 10 epochs, one
@@ -19,7 +20,9 @@ download). `--dataset auto` is the demo mode of `make train`: MNIST when it can 
 downloaded, otherwise, when Fashion-MNIST is on the machine, one line saying so and a Fashion-MNIST
 run. An explicit `--dataset mnist` never switches datasets.
 
-Checkpoints: see mnist_fast.checkpoint; multi-process runs (torchrun): see mnist_fast.distributed.
+Checkpoints and output files: see mnist_fast.checkpoint; the per-epoch metrics (--metrics, JSON Lines,
+and --tensorboard): mnist_fast.run_log; multi-process runs (torchrun): mnist_fast.distributed.
+Ctrl-C and SIGTERM stop a run alike: the last finished epoch's checkpoint stays, a resume hint is printed.
 
 Data path: each split is one normalized tensor on the device and batches are cut by indexing
 (`--loader tensor`, default); `--loader dataloader` runs the lesson's torchvision DataLoader +

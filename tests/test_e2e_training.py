@@ -43,10 +43,10 @@ def _run(args, cwd, timeout=120):
 
 
 def test_fashion_mnist_run_learns(tmp_path):
-    metrics = tmp_path / "metrics.json"
+    metrics = tmp_path / "metrics.jsonl"
     out = _run([*TRAIN, "--epochs", "2", "--metrics", metrics], tmp_path)
     assert "fashion-mnist: 60000 training / 10000 test images" in out
-    accuracy = json.loads(metrics.read_text())["history"][-1]["test_accuracy"]
+    accuracy = json.loads(metrics.read_text().splitlines()[-1])["final"]["test_accuracy"]  # JSON Lines
     assert accuracy >= 0.80, out
 
 
