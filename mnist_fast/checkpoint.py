@@ -10,8 +10,8 @@ the epoch number).
 Output files (checkpoint, metrics, plots) are replaced atomically when they are regular files: the
 bytes go to `.<name>.<pid>.tmp` beside the file, which is then renamed over it, so a reader or a
 crash sees the old file or the new one, never half of one. A symlink is followed (the link stays, its
-target is replaced). Anything else that exists (a device such as /dev/null, a FIFO), and any path under
-/dev or /proc (/dev/stdout may be a shell's redirection into a file), is appended to in place.
+target is replaced). Anything else that exists (a device such as /dev/null, a FIFO), and /dev/stdout,
+/dev/fd/N and the like (a shell's redirection into a file), is appended to in place.
 Temp files left by a killed run are removed by the next run that writes the same file.
 """
 import io
@@ -57,10 +57,25 @@ def _target(path) -> Path:
     return Path(os.path.realpath(path))
 
 
+# Names of an open file descriptor: even when it is a regular file (a shell's `> log`), it is not ours to replace.
+_FD_PATH = re.compile(r"/dev/(stdout|stderr|fd/[0-9]+)|/proc/(self|thread-self|[0-9]+)/fd/[0-9]+")
+
+
+def _names_a_file_descriptor(path) -> bool:
+    current = os.path.abspath(path)
+    for _ in range(40):  # the kernel's own limit on links in a row
+        if _FD_PATH.fullmatch(current):
+            return True
+        if not os.path.islink(current):
+            return False
+        current = os.path.abspath(os.path.join(os.path.dirname(current), os.readlink(current)))
+    return False
+
+
 def writes_through(path) -> bool:
     """True when path is written in place (a device, a FIFO, /dev/stdout...), False when it is replaced
     (a regular file) or created."""
-    if os.path.abspath(path).startswith(("/dev/", "/proc/")):
+    if _names_a_file_descriptor(path):
         return True
     try:
         return not stat.S_ISREG(os.stat(path).st_mode)  # follows symlinks

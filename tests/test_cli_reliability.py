@@ -116,6 +116,21 @@ def test_metrics_to_dev_stdout_redirected_into_a_file_append_to_it(data_dir, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "mnist"]
 
 
+@pytest.mark.skipif(not os.access("/dev/shm", os.W_OK), reason="needs a writable /dev/shm")
+def test_a_regular_file_under_dev_is_replaced_not_appended_to(tmp_path):
+    path = Path("/dev/shm") / f"mnist-fast-test-{os.getpid()}.bin"
+    link = tmp_path / "stdout-like"
+    link.symlink_to("/dev/stdout")
+    try:
+        write_output(path, b"first")
+        write_output(path, b"second")
+        assert path.read_bytes() == b"second"
+    finally:
+        path.unlink(missing_ok=True)
+    assert checkpoint_module.writes_through(link) and checkpoint_module.writes_through("/proc/self/fd/1")
+    assert not checkpoint_module.writes_through(tmp_path / "new-file")
+
+
 def test_a_replaced_file_keeps_its_permissions(tmp_path):
     path = tmp_path / "metrics.json"
     path.write_text("{}")
