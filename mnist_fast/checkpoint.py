@@ -345,8 +345,9 @@ def restore_checkpoint(path: Path, state: dict, options: dict, model: nn.Module,
         raise CheckpointError(f"{path}: optimizer state does not fit this run ({e})") from e
     model.load_state_dict(state["model"])
     torch.set_rng_state(state["rng"]["cpu"])
-    if torch.cuda.is_available() and state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if torch.cuda.is_available():  # as many devices as both machines have (set_rng_state_all fails on more)
+        for device, cuda_state in enumerate(state["rng"]["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def checkpoint_state(epochs_done: int, options: dict, model, optimizer, history) -> dict:

@@ -31,7 +31,6 @@ transforms pipeline over the same samples, to measure the difference.
 """
 import argparse
 import importlib.util
-import json
 import math
 import os
 import signal
@@ -50,7 +49,7 @@ from tqdm import tqdm
 from . import _C
 from . import data as mnist_data
 from .checkpoint import (CheckpointError, checkpoint_state, load_checkpoint, prepare_output_files, restore_checkpoint,
-                         run_options, save_checkpoint, write_output)
+                         run_options, save_checkpoint)
 from .distributed import DEFAULT_DDP_TIMEOUT_S, Distributed, collective_failure, init_distributed, resolve_device
 from .plotting import plot_history, show_predictions
 from .recipe import (build_fused_trainer, build_model, build_optimizer, learning_rate, set_learning_rate,
@@ -151,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
              + ", ".join(OUTPUT_DIR_FILES.values()) + "; an explicit path option wins")
     add("--checkpoint", type=Path, default=None, metavar="PATH", help="write a checkpoint here after every epoch")
     add("--resume", action="store_true", help="continue the run saved in --checkpoint (or --output-dir)")
-    add("--plot", type=Path, default=None, metavar="PNG", help="write a plot of loss and accuracy per epoch at the end")
+    add("--plot", type=Path, default=None, metavar="PNG",
+        help="write a plot of loss and accuracy per epoch at the end (or when interrupted)")
     add("--metrics", type=Path, default=None, metavar="JSONL",
         help="write the per-epoch metrics as JSON Lines, after every epoch (see mnist_fast.run_log)")
     add("--tensorboard", type=Path, default=None, metavar="DIR",
@@ -329,8 +329,7 @@ def _train(args, env: Distributed) -> TrainResult:
     for name, split in (("training", train_split), ("test", test_split)):
         if len(split) == 0:
             raise TrainError(f"the {name} set of {dataset.name} in {dataset.source} is empty: nothing to "
-                             f"{'train on' if name == 'training' else 'score'}"
-                             + (f" (--val-split {args.val_split} holds out all the rest)" * bool(args.val_split)))
+                             f"{'train on' if name == 'training' else 'score'}")
 
     if args.loader == "tensor":
         batches = mnist_data.Batches(train_split, args.batch_size, seed=args.seed,
@@ -415,6 +414,10 @@ def _train(args, env: Distributed) -> TrainResult:
             for run_log in logs:
                 if isinstance(run_log, MetricsLog):
                     run_log.add({"final": final})
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the plot of the finished epochs (the metrics are on disk)
+        if env.rank == 0 and args.plot is not None and history:
+            plot_history(history, args.plot, f"{dataset.name}, {args.backend} backend")
+        raise
     finally:
         for run_log in logs:
             run_log.close()

@@ -51,6 +51,13 @@ def test_metrics_are_on_disk_after_every_epoch_and_survive_ctrl_c(run, tmp_path,
     assert lines[1:-1] == load_checkpoint(checkpoint)["history"]
 
 
+def test_an_interrupted_run_plots_its_finished_epochs(run, tmp_path, monkeypatch):
+    plot = tmp_path / "curves.png"
+    _interrupt_after(monkeypatch, epochs=1)
+    assert run("--epochs", "3", "--plot", str(plot)) == 130
+    assert plot.read_bytes()[:8] == PNG
+
+
 def test_metrics_record_the_learning_rate_of_each_epoch(run, tmp_path):
     metrics = tmp_path / "m.jsonl"
     assert run("--epochs", "2", "--lr", "0.1", "--metrics", str(metrics)) == 0

@@ -20,6 +20,7 @@ import torch
 from mnist_fast import checkpoint as checkpoint_module
 from mnist_fast import distributed, train
 from mnist_fast.checkpoint import load_checkpoint, remove_stale_temp_files, write_output
+from mnist_fast.recipe import build_model, build_optimizer
 from mnist_fast.train import main, parse_args
 from test_train import _assert_same_weights, _weights, write_banded_dataset
 
@@ -436,3 +437,19 @@ def test_a_stuck_rank_fails_the_others_within_the_timeout(data_dir, tmp_path):
     assert line.startswith("mnist_fast.train: error: rank 0: Timed out waiting 5000ms")
     assert line.endswith("(another process died, or is stuck past --ddp-timeout 5 s)")
     assert elapsed < 60  # torch's default would wait 30 minutes
+
+
+def test_a_checkpoint_from_a_machine_with_more_gpus_restores_the_ones_there_are(run, tmp_path, monkeypatch):
+    checkpoint = tmp_path / "run.pt"
+    assert run("--epochs", "1", "--checkpoint", str(checkpoint)) == 0
+    state = load_checkpoint(checkpoint)
+    state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda rng, device: restored.append((device, rng.sum().item())))
+    args = parse_args(["--epochs", "1", "--batch-size", "32", "--device", "cpu"])
+    model, _ = build_model("fused")
+    checkpoint_module.restore_checkpoint(checkpoint, state, state["options"], model,
+                                         build_optimizer(args, model.parameters()))
+    assert restored == [(0, 0)]
