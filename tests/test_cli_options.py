@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from mnist_fast import data, run_log, train
+from mnist_fast import data, run_log, train, train_options
 from mnist_fast.checkpoint import load_checkpoint
 from mnist_fast.train import build_parser, main, parse_args
 from test_train import _assert_same_weights, _interrupt_after, _weights, write_banded_dataset
@@ -94,7 +94,7 @@ class _FakeWriter:
 
 def test_tensorboard_logs_every_epoch_and_purges_on_resume(run, tmp_path, monkeypatch):
     _FakeWriter.made = []
-    monkeypatch.setattr(train, "tensorboard_available", lambda: True)
+    monkeypatch.setattr(train_options, "tensorboard_available", lambda: True)
     monkeypatch.setattr(run_log, "_summary_writer", _FakeWriter)
     tb, checkpoint = tmp_path / "tb", tmp_path / "run.pt"
     assert run("--epochs", "2", "--tensorboard", str(tb), "--checkpoint", str(checkpoint),
@@ -224,8 +224,8 @@ def test_explicit_paths_win_over_output_dir(tmp_path):
 
 
 def test_output_dir_without_matplotlib_skips_the_plot_and_says_so(run, tmp_path, monkeypatch, capsys):
-    real_find_spec = train.importlib.util.find_spec
-    monkeypatch.setattr(train.importlib.util, "find_spec",
+    real_find_spec = train_options.importlib.util.find_spec
+    monkeypatch.setattr(train_options.importlib.util, "find_spec",
                         lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
     out = tmp_path / "out"
     assert run("--epochs", "1", "--output-dir", str(out)) == 0
@@ -250,7 +250,8 @@ def test_resume_is_exact_with_the_new_options(run, tmp_path, monkeypatch, option
     undo()
     assert run("--epochs", "3", "--checkpoint", str(resumed), "--resume", *options) == 0
     _assert_same_weights(_weights(straight), _weights(resumed))
-    assert load_checkpoint(resumed)["history"][-1]["train_loss"] == load_checkpoint(straight)["history"][-1]["train_loss"]
+    last = [load_checkpoint(path)["history"][-1]["train_loss"] for path in (straight, resumed)]
+    assert last[0] == last[1]
 
 
 @pytest.mark.parametrize("change, message", [
