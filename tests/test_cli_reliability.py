@@ -106,6 +106,7 @@ def test_a_device_output_is_written_through(run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mnist", "null"]
 
 
+@pytest.mark.slow  # child processes: 30-55 s each on the shared development machine
 def test_metrics_to_dev_stdout_redirected_into_a_file_append_to_it(data_dir, tmp_path):
     log = tmp_path / "log.txt"
     with open(log, "w") as out:
@@ -151,6 +152,7 @@ def _wait_for(condition, timeout=60.0):
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # child processes: 30-55 s each on the shared development machine
 def test_sigterm_stops_the_run_as_ctrl_c_does(data_dir, tmp_path):
     checkpoint = tmp_path / "run.pt"
     child = subprocess.Popen(_cli(data_dir, "--epochs", "100000", "--schedule", "constant",
@@ -271,6 +273,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_old_one
     assert checkpoint.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["mnist", "run.pt"]
 
 
+@pytest.mark.slow  # child processes: 30-55 s each on the shared development machine
 def test_a_real_write_failure_inside_torch_save_is_one_line(data_dir, tmp_path):
     # A file size limit fails the write as a full disk does (EFBIG instead of ENOSPC), in the real code path.
     checkpoint = tmp_path / "run.pt"
