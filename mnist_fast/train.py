@@ -163,6 +163,8 @@ def _train(args, env: Distributed) -> TrainResult:
     if env.rank == 0:
         prepare_output_files([args.checkpoint, args.plot, args.metrics, args.show_file if args.show else None])
         if args.tensorboard is not None:
+            if args.tensorboard.exists() and not args.tensorboard.is_dir():
+                raise NotADirectoryError(f"--tensorboard {args.tensorboard} is a file; give a folder")
             args.tensorboard.mkdir(parents=True, exist_ok=True)
 
     # Rank 0 finds (and maybe downloads) the data first, so that ranks don't download over each other.

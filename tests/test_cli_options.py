@@ -112,6 +112,16 @@ def test_tensorboard_logs_every_epoch_and_purges_on_resume(run, tmp_path, monkey
     assert resumed.purge_step == 3 and {step for _, step, _ in resumed.scalars} == {3}
 
 
+def test_tensorboard_into_a_file_fails_before_training(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_options, "tensorboard_available", lambda: True)
+    monkeypatch.setattr(run_log, "_summary_writer", _FakeWriter)
+    (tmp_path / "tb").write_text("")
+    assert run("--epochs", "1", "--tensorboard", str(tmp_path / "tb")) == 1
+    captured = capsys.readouterr()
+    assert f"error: --tensorboard {tmp_path / 'tb'} is a file; give a folder" in captured.err
+    assert "epoch" not in captured.out
+
+
 # ----------------------------------------------------------------------------------------------
 # --weight-decay, --label-smoothing
 
