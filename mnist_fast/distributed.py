@@ -3,14 +3,25 @@
 Multi-process: under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel
 (gloo on CPU, nccl on CUDA); each rank trains on its shard of every shuffled epoch with
 --batch-size samples per step; rank 0 alone evaluates, prints and writes files.
+
+A process that waits at a collective (the gradient all-reduce, a barrier) for longer than
+`--ddp-timeout` seconds fails instead of waiting torch's default 30 minutes for a stuck peer.
+The default, 300 s, is far above the longest legitimate wait of this workload: the other ranks wait
+while rank 0 scores an epoch and writes its files (about a second), compiles (--compile: a minute on
+a slow CPU) or finds the data set; raise it when the first run downloads the data over a slow link.
 """
+import datetime
 import os
+import re
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Distributed", "init_distributed", "resolve_device"]
+__all__ = ["DEFAULT_DDP_TIMEOUT_S", "Distributed", "init_distributed", "resolve_device", "collective_failure"]
+
+DEFAULT_DDP_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -24,13 +35,13 @@ class Distributed:
         return self.world_size > 1
 
 
-def init_distributed(device_choice: str) -> Distributed:
+def init_distributed(device_choice: str, timeout_s: float = DEFAULT_DDP_TIMEOUT_S) -> Distributed:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Distributed()
     env = Distributed(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
     use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return env
 
 
@@ -40,3 +51,13 @@ def resolve_device(choice: str, env: Distributed) -> torch.device:
     if choice == "cuda":
         return torch.device("cuda", env.local_rank)
     return torch.device("cpu")
+
+
+def collective_failure(error: BaseException) -> Optional[str]:
+    """One line saying why a collective failed (a peer stuck past the timeout, or gone), or None when error
+    is something else. Gloo raises a plain RuntimeError whose text starts with its source path."""
+    text = str(error).strip()
+    if not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "/gloo/" in text)):
+        return None
+    first = text.splitlines()[0] if text else type(error).__name__
+    return re.sub(r"^\[[^\]]*\]\s*", "", first)  # drop the "[.../gloo/...cc:78]" prefix

@@ -3,18 +3,21 @@
 matplotlib's object API with the Agg canvas: no pyplot, no display, no global state. matplotlib is
 imported on first use, so the library and the CLI without --plot/--show do not need it.
 """
+import io
 from pathlib import Path
 from typing import List, Sequence
 
 import torch
 
-from .checkpoint import atomic_write
+from .checkpoint import write_output
 
 __all__ = ["plot_history", "show_predictions"]
 
 
 def _save_figure(figure, path: Path) -> None:
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    write_output(path, buffer.getvalue())
 
 
 def plot_history(history: List[dict], path: Path, title: str) -> None:
@@ -22,14 +25,18 @@ def plot_history(history: List[dict], path: Path, title: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
+    scored = [split for split in ("val", "test") if f"{split}_loss" in history[-1]]  # --val-split: val, maybe test
     figure = Figure(figsize=(10, 4), layout="constrained")
     loss_ax, acc_ax = figure.subplots(1, 2)
     loss_ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    loss_ax.plot(epochs, [h["test_loss"] for h in history], "o-", label="test")
+    for split in scored:
+        points = [(h["epoch"], h[f"{split}_loss"], h[f"{split}_accuracy"]) for h in history if f"{split}_loss" in h]
+        loss_ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=split)
+        acc_ax.plot([p[0] for p in points], [100 * p[2] for p in points], "o-", label=split)
     loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
     loss_ax.legend()
-    acc_ax.plot(epochs, [100 * h["test_accuracy"] for h in history], "o-", color="tab:green")
-    acc_ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    acc_ax.legend()
     for ax in (loss_ax, acc_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.suptitle(title)

@@ -9,7 +9,8 @@ from .models import MNISTNet, stock_mlp
 from .nn import CrossEntropyLoss
 from .trainer import FusedTrainer
 
-__all__ = ["build_model", "build_optimizer", "learning_rate", "set_learning_rate"]
+__all__ = ["build_model", "training_criterion", "build_optimizer", "build_fused_trainer", "learning_rate",
+           "set_learning_rate"]
 
 
 def build_model(backend: str):
@@ -21,6 +22,17 @@ def build_model(backend: str):
     if backend == "stock":
         return stock_mlp(log_softmax=True), nn.NLLLoss()
     raise ValueError(f"unknown backend {backend!r}")
+
+
+def training_criterion(backend: str, label_smoothing: float) -> nn.Module:
+    """The loss a backend trains with (build_model's criterion, which scores, has no smoothing).
+    The stock model outputs log-probabilities; cross-entropy of those is exactly that of the logits
+    (log_softmax leaves log-probabilities unchanged), so stock's smoothed loss is nn.CrossEntropyLoss."""
+    if backend in ("fused", "fused-step"):
+        return CrossEntropyLoss(label_smoothing=label_smoothing)
+    if not label_smoothing:
+        return nn.NLLLoss()
+    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
 
 def learning_rate(args, epoch: int) -> float:
@@ -39,10 +51,18 @@ def build_optimizer(args, parameters) -> torch.optim.Optimizer:
         optimizer_class, options = torch.optim.SGD, {"lr": args.lr, "momentum": args.momentum}
     else:
         optimizer_class, options = torch.optim.Adam, {"lr": args.lr}
+    options["weight_decay"] = args.weight_decay  # L2, added to the gradient (Adam's too: not AdamW)
     try:
         return optimizer_class(parameters, fused=True, **options)
     except (RuntimeError, TypeError):  # an older torch, or no fused kernel for this device
         return optimizer_class(parameters, **options)
+
+
+def build_fused_trainer(args, model) -> FusedTrainer:
+    """--backend fused-step: the same SGD (momentum, weight decay) and smoothed loss as build_optimizer and
+    training_criterion, in one op per step."""
+    return FusedTrainer(model, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                        label_smoothing=args.label_smoothing)
 
 
 def set_learning_rate(optimizer, lr: float) -> None:

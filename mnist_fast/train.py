@@ -6,6 +6,7 @@
     python -m mnist_fast.train --backend stock                   # nn.Sequential + LogSoftmax + NLLLoss
     python -m mnist_fast.train --backend fused-step              # the whole SGD step as one fused op
     python -m mnist_fast.train --checkpoint run.pt               # ... then after a kill, add --resume
+    python -m mnist_fast.train --output-dir runs/a --val-split 5000   # checkpoint, metrics.jsonl, curves.png there
     torchrun --nproc_per_node=2 -m mnist_fast.train              # DistributedDataParallel
 
 Defaults: SGD with momentum 0.9, lr 0.02 decayed by a cosine over the epochs, batch 64, 30 epochs, one
@@ -18,7 +19,10 @@ Datasets: `--dataset mnist` (default) or `fashion-mnist`, looked for as mnist_fa
 train`: MNIST when it can be found, converted or downloaded, otherwise, when Fashion-MNIST is on the
 machine, one line saying so and a Fashion-MNIST run. An explicit `--dataset mnist` never switches datasets.
 
-Checkpoints: see mnist_fast.checkpoint; multi-process runs (torchrun): see mnist_fast.distributed.
+Options: mnist_fast.train_options; checkpoints and output files: mnist_fast.checkpoint; the per-epoch
+metrics (--metrics, JSON Lines, and --tensorboard): mnist_fast.run_log; multi-process runs (torchrun):
+mnist_fast.distributed.
+Ctrl-C and SIGTERM stop a run alike: the last finished epoch's checkpoint stays, a resume hint is printed.
 
 Data path: each split is one normalized tensor on the device and batches are cut by indexing
 (`--loader tensor`, default); `--loader dataloader` runs the lesson's torchvision DataLoader +
@@ -26,143 +30,39 @@ transforms pipeline over the same samples, to measure the difference.
 
 """
 import argparse
-import importlib.util
-import json
-import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from . import _C
 from . import data as mnist_data
-from .checkpoint import (CheckpointError, atomic_write, checkpoint_state, load_checkpoint, prepare_output_files,
-                         restore_checkpoint, run_options, save_checkpoint)
-from .distributed import Distributed, init_distributed, resolve_device
+from .checkpoint import (CheckpointError, checkpoint_state, load_checkpoint, prepare_output_files, restore_checkpoint,
+                         run_options, save_checkpoint)
+from .distributed import Distributed, collective_failure, init_distributed, resolve_device
 from .plotting import plot_history, show_predictions
-from .recipe import build_model, build_optimizer, learning_rate, set_learning_rate
+from .recipe import (build_fused_trainer, build_model, build_optimizer, learning_rate, set_learning_rate,
+                     training_criterion)
+from .run_log import MetricsLog, TensorBoardLog
+from .train_options import build_parser, parse_args  # noqa: F401  (part of this module's interface)
 from .trainer import FusedTrainer
 
-__all__ = ["main", "train", "parse_args", "build_model", "TrainResult", "CheckpointError",
-           "save_checkpoint", "load_checkpoint"]
+__all__ = ["main", "train", "parse_args", "build_parser", "build_model", "TrainResult", "CheckpointError",
+           "TrainError", "save_checkpoint", "load_checkpoint"]
 
-DEFAULT_LR = {"sgd": 0.02, "adam": 0.001}
-DEFAULT_MOMENTUM = 0.9
 EVAL_BATCH_SIZE = 1000
-MAX_SHOW = 50  # rows of the --show figure; matplotlib refuses images much taller than that
 
 
-# ----------------------------------------------------------------------------------------------
-# Options
-
-
-def _number(kind, accept: Callable, wanted: str):
-    """An argparse type: text -> kind(text), refused with 'expected {wanted}' unless accept(value)."""
-    def convert(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not accept(value):
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text}")
-        return value
-    return convert
-
-
-_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
-_non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
-_positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m mnist_fast.train",
-        description="Train the lesson's 784-128-64-10 MNIST classifier with mnist_fast's fused layers.",
-    )
-    add = parser.add_argument
-    add("--dataset", choices=(*mnist_data.DATASETS, "auto"), default="mnist",
-        help="default: mnist; auto: MNIST, or Fashion-MNIST with a notice when MNIST cannot be had")
-    add("--data-dir", metavar="FOLDER", default=None,
-        help="folder with the IDX files (default: ~/.pytorch/MNIST_data or ~/.pytorch/F_MNIST_data); "
-             "with --dataset auto it applies to MNIST")
-    add("--no-download", action="store_true", help="never try to download a missing dataset")
-    add("--epochs", type=_positive_int, default=30, help="default: 30")
-    add("--batch-size", type=_positive_int, default=64,
-        help="samples per step, per process under torchrun (default: 64)")
-    add("--optimizer", choices=("sgd", "adam"), default="sgd", help="default: sgd")
-    add("--lr", type=_positive_float, default=None,
-        help=f"learning rate (default: {DEFAULT_LR['sgd']} for sgd, {DEFAULT_LR['adam']} for adam)")
-    add("--momentum", type=float, default=None, help=f"SGD momentum (default: {DEFAULT_MOMENTUM}; the lesson used 0)")
-    add("--schedule", choices=("cosine", "constant"), default="cosine",
-        help="learning rate per epoch; cosine (default) decays from --lr towards 0 over --epochs")
-    add("--backend", choices=("fused", "fused-step", "stock"), default="fused",
-        help="fused (default): mnist_fast's MNISTNet + CrossEntropyLoss; fused-step: the same model "
-             "trained by mnist_fast.FusedTrainer (forward, loss, backward and SGD update in one op); "
-             "stock: the lesson's nn.Sequential + LogSoftmax + NLLLoss")
-    add("--loader", choices=("tensor", "dataloader"), default="tensor",
-        help="tensor (default): batches cut from whole tensors; "
-             "dataloader: the lesson's DataLoader + transforms, for comparison")
-    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto (cuda when available)")
-    add("--threads", type=_non_negative_int, default=1,
-        help="CPU threads (default: 1; 0: torch's choice). One thread is fastest for this small model on a "
-             "shared machine, and a fixed count keeps resumed runs bit-identical")
-    add("--seed", type=int, default=0, help="seeds the initial weights and every epoch's shuffle (default: 0)")
-    add("--limit", type=_positive_int, default=None, metavar="N", help="train on the first N training images only")
-    add("--compile", action="store_true", help="torch.compile the model")
-    add("--checkpoint", type=Path, default=None, metavar="PATH", help="write a checkpoint here after every epoch")
-    add("--resume", action="store_true", help="continue the run saved in --checkpoint")
-    add("--plot", type=Path, default=None, metavar="PNG", help="write a plot of loss and accuracy per epoch")
-    add("--metrics", type=Path, default=None, metavar="JSON", help="write the per-epoch metrics")
-    add("--show", type=_non_negative_int, default=0, metavar="N",
-        help=f"write a PNG of the first N (at most {MAX_SHOW}) test images with their predicted class probabilities")
-    add("--show-file", type=Path, default=Path("predictions.png"), metavar="PNG",
-        help="where --show writes (default: predictions.png)")
-    return parser
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.resume and args.checkpoint is None:
-        parser.error("--resume needs --checkpoint PATH (the checkpoint to continue from)")
-    if args.optimizer == "adam" and args.momentum is not None:
-        parser.error("--momentum applies to --optimizer sgd only")
-    if args.momentum is not None and not 0 <= args.momentum < 1:
-        parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
-    if args.lr is None:
-        args.lr = DEFAULT_LR[args.optimizer]
-    if args.momentum is None:
-        args.momentum = DEFAULT_MOMENTUM if args.optimizer == "sgd" else 0.0  # adam: unused
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available here (torch.cuda.is_available() is False); "
-                     "use --device cpu")
-    uses_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if uses_cuda and args.backend != "stock" and not _C.cuda_compiled():
-        parser.error("this build of mnist_fast has no CUDA kernels: rebuild it where nvcc is found, "
-                     "or pass --device cpu or --backend stock")
-    if args.backend == "fused-step":
-        if args.optimizer != "sgd":
-            parser.error("--backend fused-step runs SGD; use --optimizer sgd (or --backend fused for adam)")
-        if args.compile:
-            parser.error("--backend fused-step is already one op per step; drop --compile")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            parser.error("--backend fused-step has no gradient all-reduce; use --backend fused under torchrun")
-    if args.show > MAX_SHOW:
-        parser.error(f"--show: at most {MAX_SHOW} images, got {args.show}")
-    if (args.plot or args.show) and importlib.util.find_spec("matplotlib") is None:
-        parser.error("--plot and --show need matplotlib: pip install matplotlib")
-    if args.loader == "dataloader" and importlib.util.find_spec("torchvision") is None:
-        parser.error("--loader dataloader needs torchvision: pip install torchvision")
-    if args.loader == "dataloader" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        parser.error("--loader dataloader is for single-process comparisons; use --loader tensor under torchrun")
-    return args
+class TrainError(RuntimeError):
+    """A run that cannot go ahead as asked (an empty training set...); the message says why."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,6 +74,8 @@ class TrainResult:
     model: nn.Module  # the trained model (unwrapped from DDP / torch.compile)
     dataset: str
     history: List[dict] = field(default_factory=list)
+    test_loss: Optional[float] = None  # the final scores (rank 0; None on the other ranks)
+    test_accuracy: Optional[float] = None
 
 
 def _load_data(args, log) -> mnist_data.Dataset:
@@ -241,7 +143,7 @@ def _train_epoch(model, criterion, optimizer, batches, device, progress):
 
 def train(args: argparse.Namespace) -> TrainResult:
     """Run the training that parsed options describe (see the module docstring)."""
-    env = init_distributed(args.device)
+    env = init_distributed(args.device, args.ddp_timeout)
     try:
         return _train(args, env)
     finally:
@@ -259,6 +161,10 @@ def _train(args, env: Distributed) -> TrainResult:
 
     if env.rank == 0:
         prepare_output_files([args.checkpoint, args.plot, args.metrics, args.show_file if args.show else None])
+        if args.tensorboard is not None:
+            if args.tensorboard.exists() and not args.tensorboard.is_dir():
+                raise NotADirectoryError(f"--tensorboard {args.tensorboard} is a file; give a folder")
+            args.tensorboard.mkdir(parents=True, exist_ok=True)
 
     # Rank 0 finds (and maybe downloads) the data first, so that ranks don't download over each other.
     if env.active and env.rank != 0:
@@ -267,8 +173,13 @@ def _train(args, env: Distributed) -> TrainResult:
     if env.active and env.rank == 0:
         dist.barrier()
     args.dataset = dataset.name  # "auto" resolved: this is what the checkpoint records
-    train_split = dataset.train.head(args.limit).to(device)
-    test_split = dataset.test.to(device)
+    train_split, val_split = _hold_out(dataset.train.head(args.limit), args.val_split, args.seed)
+    train_split, test_split = train_split.to(device), dataset.test.to(device)
+    val_split = val_split.to(device) if val_split is not None else None
+    for name, split in (("training", train_split), ("test", test_split)):
+        if len(split) == 0:
+            raise TrainError(f"the {name} set of {dataset.name} in {dataset.source} is empty: nothing to "
+                             f"{'train on' if name == 'training' else 'score'}")
 
     if args.loader == "tensor":
         batches = mnist_data.Batches(train_split, args.batch_size, seed=args.seed,
@@ -277,10 +188,11 @@ def _train(args, env: Distributed) -> TrainResult:
         batches = mnist_data.LessonBatches(train_split, args.batch_size, seed=args.seed)
 
     torch.manual_seed(args.seed)
-    model, criterion = build_model(args.backend)
+    model, score_criterion = build_model(args.backend)
+    criterion = training_criterion(args.backend, args.label_smoothing)
     model.to(device)
     if args.backend == "fused-step":
-        optimizer = FusedTrainer(model, lr=args.lr, momentum=args.momentum)
+        optimizer = build_fused_trainer(args, model)
     else:
         optimizer = build_optimizer(args, model.parameters())
     options = run_options(args, env.world_size)
@@ -290,7 +202,9 @@ def _train(args, env: Distributed) -> TrainResult:
     if args.resume:
         state = load_checkpoint(args.checkpoint)
         restore_checkpoint(args.checkpoint, state, options, model, optimizer)
-        history, start_epoch = list(state["history"]), int(state["epochs_done"])
+        history, start_epoch = list(state["history"]), state["epochs_done"]
+        if start_epoch > args.epochs:
+            raise CheckpointError(f"{args.checkpoint} has {start_epoch} epochs done, more than --epochs {args.epochs}")
         log(f"resumed from {args.checkpoint} after epoch {start_epoch}")
 
     train_model = model
@@ -300,55 +214,112 @@ def _train(args, env: Distributed) -> TrainResult:
         train_model = torch.compile(train_model)
 
     optimizer_text = f"{args.optimizer} lr {args.lr}" + (f" momentum {args.momentum}" * (args.optimizer == "sgd"))
-    log(f"{dataset.name}: {len(train_split)} training / {len(test_split)} test images from {dataset.source}; "
+    optimizer_text += f" weight decay {args.weight_decay:g}" * bool(args.weight_decay)
+    optimizer_text += f", label smoothing {args.label_smoothing:g}" * bool(args.label_smoothing)
+    val_text = f" ({len(val_split)} held out for validation)" if val_split is not None else ""
+    log(f"{dataset.name}: {len(train_split)} training{val_text} / {len(test_split)} test images from {dataset.source}; "
         f"{args.backend} backend, {args.loader} loader, {optimizer_text}, batch {args.batch_size}, "
         f"device {device}" + (f", {env.world_size} processes" if env.active else ""))
+    if args.plot_skipped:
+        log("no plot: matplotlib is not installed (pip install matplotlib)")
 
-    for epoch in range(start_epoch, args.epochs):
-        batches.set_epoch(epoch)
-        set_learning_rate(optimizer, learning_rate(args, epoch))
-        progress = tqdm(total=batches.num_samples,
-                        desc=f"epoch {epoch + 1}/{args.epochs}", unit="img", unit_scale=True, leave=False,
-                        disable=None if env.rank == 0 else True, dynamic_ncols=True)
-        started = time.perf_counter()
-        loss_sum, seen = _train_epoch(train_model, criterion, optimizer, batches, device, progress)
-        if env.active:  # the train loss over all ranks' samples
-            totals = torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)])
-            dist.all_reduce(totals)
-            loss_sum, seen = totals[0], int(totals[1].item())
-        train_loss = loss_sum.item() / seen  # .item() also waits for the device, so the time is right
-        epoch_time = time.perf_counter() - started
-        progress.close()
-        if env.rank != 0:
-            continue
+    logs = _open_logs(args, dataset, history, start_epoch) if env.rank == 0 else []
+    final = {}
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            lr = learning_rate(args, epoch)
+            batches.set_epoch(epoch)
+            set_learning_rate(optimizer, lr)
+            progress = tqdm(total=batches.num_samples,
+                            desc=f"epoch {epoch + 1}/{args.epochs}", unit="img", unit_scale=True, leave=False,
+                            disable=None if env.rank == 0 else True, dynamic_ncols=True)
+            started = time.perf_counter()
+            loss_sum, seen = _train_epoch(train_model, criterion, optimizer, batches, device, progress)
+            if env.active:  # the train loss over all ranks' samples
+                totals = torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)])
+                dist.all_reduce(totals)
+                loss_sum, seen = totals[0], int(totals[1].item())
+            train_loss = loss_sum.item() / seen  # .item() also waits for the device, so the time is right
+            epoch_time = time.perf_counter() - started
+            progress.close()
+            if env.rank != 0:
+                continue
 
-        test_loss, test_accuracy = evaluate(model, criterion, test_split)
-        history.append({"epoch": epoch + 1, "train_loss": train_loss, "test_loss": test_loss,
-                        "test_accuracy": test_accuracy, "epoch_time_s": epoch_time,
-                        "samples_per_s": seen / epoch_time})
-        log(f"epoch {epoch + 1:>2}/{args.epochs}  train loss {train_loss:.4f}  test loss {test_loss:.4f}  "
-            f"test accuracy {100 * test_accuracy:.2f}%  {epoch_time:.2f} s ({seen / epoch_time:,.0f} images/s)")
-        if args.checkpoint is not None:
-            save_checkpoint(args.checkpoint, checkpoint_state(epoch + 1, options, model, optimizer, history))
+            record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss}
+            if val_split is not None:
+                record["val_loss"], record["val_accuracy"] = evaluate(model, score_criterion, val_split)
+            if val_split is None or args.eval_test_every_epoch:
+                record["test_loss"], record["test_accuracy"] = evaluate(model, score_criterion, test_split)
+            record.update(epoch_time_s=epoch_time, samples_per_s=seen / epoch_time)
+            history.append(record)
+            log(f"epoch {epoch + 1:>2}/{args.epochs}  train loss {train_loss:.4f}  " + _scores_text(record)
+                + f"  {epoch_time:.2f} s ({seen / epoch_time:,.0f} images/s)")
+            if args.checkpoint is not None:
+                save_checkpoint(args.checkpoint, checkpoint_state(epoch + 1, options, model, optimizer, history))
+            for run_log in logs:
+                run_log.add(record)
 
-    if env.rank == 0:
-        _report(args, dataset, model, test_split, history, start_epoch, log)
-    return TrainResult(model=model, dataset=dataset.name, history=history)
+        if env.rank == 0:
+            final = _report(args, dataset, model, score_criterion, test_split, history, start_epoch, log)
+            for run_log in logs:
+                if isinstance(run_log, MetricsLog):
+                    run_log.add({"final": final})
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the plot of the finished epochs (the metrics are on disk)
+        if env.rank == 0 and args.plot is not None and history:
+            plot_history(history, args.plot, f"{dataset.name}, {args.backend} backend")
+        raise
+    finally:
+        for run_log in logs:
+            run_log.close()
+    return TrainResult(model=model, dataset=dataset.name, history=history, test_loss=final.get("test_loss"),
+                       test_accuracy=final.get("test_accuracy"))
 
 
-def _report(args, dataset, model, test_split, history, start_epoch, log) -> None:
-    """The final summary and the files asked for."""
-    if history:
-        timed = history[start_epoch:] or history
-        mean_time = sum(h["epoch_time_s"] for h in timed) / len(timed)
-        epochs = f"{len(history)} epoch" + "s" * (len(history) != 1)
-        log(f"done: {dataset.name}, {epochs}, test accuracy {100 * history[-1]['test_accuracy']:.2f}%, "
-            f"mean epoch time {mean_time:.2f} s")
+def _hold_out(split: mnist_data.Split, count: int, seed: int):
+    """(training part, validation part or None): count samples picked by a generator seeded with seed, the
+    rest kept in their order. The same seed, --limit and count give the same split on every run."""
+    if not count:
+        return split, None
+    if count >= len(split):
+        raise TrainError(f"--val-split {count} leaves no training images: the training set has {len(split)}")
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    held = order[:count].sort().values
+    kept = order[count:].sort().values
+    return (mnist_data.Split(split.images[kept], split.labels[kept]),
+            mnist_data.Split(split.images[held], split.labels[held]))
+
+
+def _scores_text(record: dict) -> str:
+    parts = []
+    for split in ("val", "test"):
+        if f"{split}_loss" in record:
+            parts.append(f"{split} loss {record[f'{split}_loss']:.4f}  "
+                         f"{split} accuracy {100 * record[f'{split}_accuracy']:.2f}%")
+    return "  ".join(parts)
+
+
+def _open_logs(args, dataset, history, epochs_done) -> list:
+    """The per-epoch logs asked for, holding the epochs a resumed run already has."""
+    logs = []
     if args.metrics is not None:
-        document = {"dataset": dataset.name, "options": {k: (str(v) if isinstance(v, Path) else v)
-                                                           for k, v in vars(args).items()},
-                    "history": history}
-        atomic_write(args.metrics, lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))
+        options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        logs.append(MetricsLog(args.metrics, {"dataset": dataset.name, "options": options}, history))
+    if args.tensorboard is not None:
+        logs.append(TensorBoardLog(args.tensorboard, epochs_done))
+    return logs
+
+
+def _report(args, dataset, model, criterion, test_split, history, start_epoch, log) -> dict:
+    """The final summary and the figures asked for; returns the final test scores."""
+    if history and "test_loss" in history[-1]:  # scored after the last epoch already
+        test_loss, test_accuracy = history[-1]["test_loss"], history[-1]["test_accuracy"]
+    else:
+        test_loss, test_accuracy = evaluate(model, criterion, test_split)
+    epochs = f"{len(history)} epoch" + "s" * (len(history) != 1)
+    timed = history[start_epoch:] or history
+    mean_time = sum(h["epoch_time_s"] for h in timed) / len(timed) if timed else 0.0
+    log(f"done: {dataset.name}, {epochs}, test accuracy {100 * test_accuracy:.2f}%, mean epoch time {mean_time:.2f} s")
+    if args.metrics is not None:
         log(f"metrics: {args.metrics}")
     if args.plot is not None and history:
         plot_history(history, args.plot, f"{dataset.name}, {args.backend} backend")
@@ -360,27 +331,60 @@ def _report(args, dataset, model, test_split, history, start_epoch, log) -> None
             probabilities = torch.softmax(model.eval()(images.flatten(1)), dim=1)
         show_predictions(images, labels, probabilities, dataset.classes, args.show_file)
         log(f"predictions: {args.show_file}")
+    return {"epochs": len(history), "test_loss": test_loss, "test_accuracy": test_accuracy}
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line
 
 # Errors whose message tells the user what to do; anything else is a bug and keeps its traceback.
-_USER_ERRORS = (mnist_data.DatasetNotFoundError, mnist_data.IdxError, CheckpointError, OSError)
+_USER_ERRORS = (mnist_data.DatasetNotFoundError, mnist_data.IdxError, CheckpointError, TrainError, OSError)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (what torchrun, Slurm and Kubernetes send), raised where the run is, so that it stops as
+    Ctrl-C does: the checkpoint of the last finished epoch stays, a write in progress is dropped."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
+def _interrupted_message(args, terminated: bool) -> str:
+    message = "mnist_fast.train: " + ("terminated (SIGTERM)" if terminated else "interrupted")
+    if args.checkpoint is None:
+        return message
+    if not Path(args.checkpoint).is_file():
+        return f"{message} before the first epoch ended; no checkpoint was written"
+    return f"{message}; continue with --resume --checkpoint {args.checkpoint}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line: `python -m mnist_fast.train --help`. Returns the exit status."""
     args = parse_args(argv)
+    on_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
+    rank = os.environ.get("RANK", "0")
     try:
         train(args)
     except _USER_ERRORS as e:
         print(f"mnist_fast.train: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("mnist_fast.train: interrupted" + (f"; continue with --resume --checkpoint {args.checkpoint}"
-                                                  if args.checkpoint else ""), file=sys.stderr)
-        return 130
+    except RuntimeError as e:
+        reason = collective_failure(e)
+        if reason is None:
+            raise
+        print(f"mnist_fast.train: error: rank {rank}: {reason} (another process died, or is stuck past "
+              f"--ddp-timeout {args.ddp_timeout:g} s)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, _Terminated)
+        if rank == "0":  # rank 0 writes the checkpoint, and alone knows what it holds
+            print(_interrupted_message(args, terminated), file=sys.stderr)
+        return 128 + signal.SIGTERM if terminated else 130
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -52,23 +52,23 @@ def _run(args, cwd, timeout=300):  # generous: a loaded machine takes ~40 s to i
 
 
 def _accuracy(metrics: Path) -> float:
-    return json.loads(metrics.read_text())["history"][-1]["test_accuracy"]
+    return json.loads(metrics.read_text().splitlines()[-1])["final"]["test_accuracy"]  # JSON Lines
 
 
 def test_fused_step_learns_real_mnist(tmp_path):
     # make train's backend and defaults, 3 epochs instead of 30 (98.2%): 96.9% here.
-    out = _run([*TRAIN, "--backend", "fused-step", "--epochs", "3", "--metrics", "metrics.json"], tmp_path)
+    out = _run([*TRAIN, "--backend", "fused-step", "--epochs", "3", "--metrics", "metrics.jsonl"], tmp_path)
     assert "mnist: 60000 training / 10000 test images" in out
-    assert _accuracy(tmp_path / "metrics.json") >= 0.96, out
+    assert _accuracy(tmp_path / "metrics.jsonl") >= 0.96, out
 
 
 def test_fused_and_stock_backends_learn_alike(tmp_path):
     # One epoch on a third of the data: 90.9% for both here (same initial weights, same mathematics).
     accuracy = {}
     for backend in ("fused", "stock"):
-        out = _run([*TRAIN, "--backend", backend, "--epochs", "1", "--limit", "20000", "--metrics", f"{backend}.json"],
+        out = _run([*TRAIN, "--backend", backend, "--epochs", "1", "--limit", "20000", "--metrics", f"{backend}.jsonl"],
                    tmp_path)
-        accuracy[backend] = _accuracy(tmp_path / f"{backend}.json")
+        accuracy[backend] = _accuracy(tmp_path / f"{backend}.jsonl")
         assert accuracy[backend] >= 0.88, out
     assert abs(accuracy["fused"] - accuracy["stock"]) <= 0.005, accuracy
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from mnist_fast import data, mnist_pickle, train
-from mnist_fast.checkpoint import (CHECKPOINT_KIND, CHECKPOINT_VERSION, CheckpointError, atomic_write, load_checkpoint,
+from mnist_fast.checkpoint import (CHECKPOINT_KIND, CHECKPOINT_VERSION, CheckpointError, load_checkpoint,
                                    restore_checkpoint)
+from mnist_fast import checkpoint as checkpoint_module
 from mnist_fast.data import write_idx
 from mnist_fast.recipe import build_model, build_optimizer, learning_rate
 from mnist_fast.train import main, parse_args
@@ -117,8 +118,11 @@ def test_run_learns_and_writes_its_files(run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "mnist: 320 training / 80 test images" in out
     assert out.count("test accuracy") == 4 and "done: mnist, 3 epochs" in out
-    history = json.loads(metrics.read_text())["history"]
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert lines[0]["run"]["dataset"] == "mnist" and lines[0]["run"]["options"]["lr"] == 0.05
+    history, final = lines[1:-1], lines[-1]["final"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert final == {"epochs": 3, "test_loss": history[-1]["test_loss"], "test_accuracy": history[-1]["test_accuracy"]}
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["test_accuracy"] > 0.5  # chance is 0.1
     for png in (plot, show):
@@ -333,16 +337,19 @@ def test_checkpoint_of_another_model_shape_loads_nothing(run, tmp_path):
     assert not optimizer.state
 
 
-def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "run.pt"
     path.write_bytes(b"old")
+    real_write = checkpoint_module._write
 
-    def broken_writer(tmp):
-        tmp.write_bytes(b"half")
-        raise OSError("disk full")
+    def broken_write(target, data, exclusive):
+        real_write(target, data[:2], exclusive)
+        raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write(path, broken_writer)
+    monkeypatch.setattr(checkpoint_module, "_write", broken_write)
+    with pytest.raises(OSError, match=r"^cannot write .*run.pt: No space left on device; the previous file is "
+                                      r"unchanged$"):
+        checkpoint_module.write_output(path, b"new")
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["run.pt"]
 
 
