@@ -10,7 +10,8 @@ from typing import Callable, Dict
 import torch
 from torch import nn
 
-from mnist_fast.data import LessonBatches, Split, normalize
+from mnist_fast.data import Split, normalize
+from mnist_fast.lesson_loader import LessonBatches
 from mnist_fast.models import LESSON_SIZES, MNISTNet, stock_mlp
 from mnist_fast.nn import CrossEntropyLoss, LinearReLU
 from mnist_fast.trainer import FusedTrainer
@@ -220,7 +221,7 @@ def make_epoch(impl: str, samples: int = 60000, batch: int = 64, dtype="float32"
 
 
 def make_pipeline_epoch(impl: str, samples: int = 60000, batch: int = 64) -> Callable[[], None]:
-    """The lesson's pipeline, for reference: mnist_fast.data.LessonBatches (DataLoader(shuffle=True)
+    """The lesson's pipeline, for reference: mnist_fast.lesson_loader.LessonBatches (DataLoader(shuffle=True)
     over a torchvision-style dataset with ToTensor() + Normalize((0.5,), (0.5,))), one train step per
     batch. Needs torchvision."""
     images, labels = synthetic_mnist(samples)

@@ -48,6 +48,7 @@ from . import data as mnist_data
 from .checkpoint import (CheckpointError, checkpoint_state, load_checkpoint, prepare_output_files, restore_checkpoint,
                          run_options, save_checkpoint)
 from .distributed import Distributed, collective_failure, init_distributed, resolve_device
+from .lesson_loader import LessonBatches
 from .plotting import plot_history, show_predictions
 from .recipe import (build_fused_trainer, build_model, build_optimizer, learning_rate, set_learning_rate,
                      training_criterion)
@@ -185,7 +186,7 @@ def _train(args, env: Distributed) -> TrainResult:
         batches = mnist_data.Batches(train_split, args.batch_size, seed=args.seed,
                                      rank=env.rank, world_size=env.world_size)
     else:
-        batches = mnist_data.LessonBatches(train_split, args.batch_size, seed=args.seed)
+        batches = LessonBatches(train_split, args.batch_size, seed=args.seed)
 
     torch.manual_seed(args.seed)
     model, score_criterion = build_model(args.backend)

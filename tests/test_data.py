@@ -17,6 +17,7 @@ import torch
 from mnist_fast import data, mnist_pickle
 from mnist_fast.data import Batches, DatasetNotFoundError, IdxError, Split, read_idx, write_idx
 from mnist_fast.mnist_pickle import BundleError
+from mnist_fast.lesson_loader import LessonBatches
 
 
 @pytest.fixture(autouse=True)
@@ -351,7 +352,7 @@ def test_lesson_pipeline_yields_the_same_samples():
     pytest.importorskip("torchvision")
     images = data.normalize(torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8)).unsqueeze(1)
     split = Split(images, torch.arange(10))
-    lesson = data.LessonBatches(split, batch_size=4, shuffle=False)
+    lesson = LessonBatches(split, batch_size=4, shuffle=False)
     got_images, got_labels = zip(*lesson)
     assert len(lesson) == 3 and lesson.num_samples == 10
     torch.testing.assert_close(torch.cat(got_images), images, rtol=0, atol=1e-6)
