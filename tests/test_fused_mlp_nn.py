@@ -295,3 +295,21 @@ def test_fuse_state_dict_round_trip():
     x, _ = data(4)
     torch.testing.assert_close(fresh(x), stock(x))
     stock.load_state_dict(collections.OrderedDict(fresh.state_dict()))
+
+
+def test_user_loop_benchmark_runs(capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "user_loop.py"
+    spec = importlib.util.spec_from_file_location("user_loop", path)
+    user_loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(user_loop)
+    threads = torch.get_num_threads()
+    try:
+        rows = user_loop.main(["--batch", "8", "--rounds", "2", "--steps", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert len(rows) == 3 and all(r["stock_us"] > 0 and r["fused_us"] > 0 for r in rows)
+    assert [r["fused_model"] for r in rows] == ["FusedMLP", "FusedMLP", "Classifier"]
+    assert "| Classifier" in capsys.readouterr().out
