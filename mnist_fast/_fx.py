@@ -56,7 +56,8 @@ def _log_softmax_dim(node, value, modules):
     if (node.op == "call_function" and node.target in _LOG_SOFTMAX_FUNCTIONS) or (
             node.op == "call_method" and node.target == "log_softmax"):
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        if node.kwargs.get("dtype") is not None or (node.target is torch.log_softmax and len(node.args) > 2):
+        dtype_at = 3 if node.target is F.log_softmax else 2  # F.log_softmax(input, dim, _stacklevel, dtype)
+        if node.kwargs.get("dtype") is not None or (len(node.args) > dtype_at and node.args[dtype_at] is not None):
             return None
         return dim if isinstance(dim, int) else None
     return None
@@ -98,16 +99,19 @@ def _chain(start, modules):
 def fuse_traced(module, prefix, report, fuse_child):
     """module with its Linear chains fused as a GraphModule, or None when there is nothing to fuse
     this way (the caller then fuses its children)."""
-    if not any(type(m) in (nn.Linear, mnn.LinearReLU) for m in module.children()):
+    # Only worth tracing when some Linear is called by a forward (not in an nn.Sequential, which
+    # the caller fuses as it is).
+    modules = dict(module.named_modules())
+    if not any(type(m) in (nn.Linear, mnn.LinearReLU) and not isinstance(modules[n.rpartition(".")[0]], nn.Sequential)
+               for n, m in modules.items() if n):
         return None
     name = prefix or type(module).__name__
     try:
         graph = _Tracer().trace(module)
     except Exception as e:  # data-dependent control flow and the like
         report.stock.append(f"{name} (its forward cannot be traced by torch.fx: {type(e).__name__}: {e}; "
-                            "only its nn.Sequential children are fused)")
+                            "only its submodules are fused)")
         return None
-    modules = dict(module.named_modules())
     consumed, fused = set(), 0
     for node in list(graph.nodes):
         if node in consumed or _linear_module(node, modules) is None:
@@ -145,6 +149,7 @@ def fuse_traced(module, prefix, report, fuse_child):
         (n, fuse_child(c, _qualified(prefix, n), report) if c is not None else None) for n, c in module._modules.items())
     gm._parameters = collections.OrderedDict(module._parameters)
     gm._buffers = collections.OrderedDict(module._buffers)
+    gm._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
     gm.train(module.training)
     return gm
 
@@ -183,6 +188,7 @@ def unfuse_traced(gm, unfuse_child):
         (n, unfuse_child(c) if c is not None else None) for n, c in gm._modules.items())
     stock._parameters = collections.OrderedDict(gm._parameters)
     stock._buffers = collections.OrderedDict(gm._buffers)
+    stock._non_persistent_buffers_set = set(gm._non_persistent_buffers_set)
     stock.train(gm.training)
     return stock
 

@@ -220,7 +220,7 @@ def _fused_sequential(seq: nn.Sequential, prefix: str, report: _Report) -> nn.Se
             out.add_module(children[i + 1][0], nn.Identity().train(seq.training))
             i += 2
             continue
-        if type(child) is nn.Linear:
+        if type(child) is nn.Linear and nxt is not None:  # (a last Linear has nothing to fuse with)
             report.stock.append(f"{_path(prefix, name)} (nn.Linear followed by {type(nxt).__name__})")
         elif type(child) is nn.LogSoftmax:
             report.stock.append(f"{_path(prefix, name)} (nn.LogSoftmax, not after a fused MLP)")
@@ -245,11 +245,12 @@ def _fuse(module: nn.Module, prefix: str, report: _Report) -> nn.Module:
         return _fused_sequential(module, prefix, report)
     if not any(True for _ in module.children()) or isinstance(module, (FusedMLP, LinearReLU, fx.GraphModule)):
         return module
-    from . import _fx  # the forward of a module that calls F.relu / F.log_softmax itself
+    if not isinstance(module, (nn.ModuleList, nn.ModuleDict)):  # (containers have no forward)
+        from . import _fx  # the forward of a module that calls F.relu / F.log_softmax itself
 
-    traced = _fx.fuse_traced(module, prefix, report, _fuse)
-    if traced is not None:
-        return traced
+        traced = _fx.fuse_traced(module, prefix, report, _fuse)
+        if traced is not None:
+            return traced
     clone = copy.copy(module)  # shallow: Parameters and buffers stay shared
     clone._modules = {name: _fuse(child, _path(prefix, name), report) if child is not None else None
                       for name, child in module._modules.items()}

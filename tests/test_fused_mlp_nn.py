@@ -313,3 +313,23 @@ def test_user_loop_benchmark_runs(capsys):
     assert len(rows) == 3 and all(r["stock_us"] > 0 and r["fused_us"] > 0 for r in rows)
     assert [r["fused_model"] for r in rows] == ["FusedMLP", "FusedMLP", "Classifier"]
     assert "| Classifier" in capsys.readouterr().out
+
+
+def test_fuse_module_list_loop():
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(8, 6), nn.Linear(6, 5, bias=False), nn.Linear(5, 3)])
+
+        def forward(self, x):
+            for layer in self.layers[:-1]:
+                x = F.relu(layer(x))
+            return self.layers[-1](x)
+
+    stock = Stack()
+    fused = fuse_quietly(stock)
+    assert calls(fused, mnist_fast.nn._mlp_forward) == 1
+    assert fused.state_dict().keys() == stock.state_dict().keys()
+    x = torch.randn(5, 8, requires_grad=True)
+    torch.testing.assert_close(fused(x), stock(x))
+    torch.testing.assert_close(torch.autograd.grad(fused(x).sum(), x), torch.autograd.grad(stock(x).sum(), x))
