@@ -108,8 +108,12 @@ def fused_mlp(input: Tensor, weights: Sequence[Tensor], biases: Optional[Sequenc
     """A whole MLP in one op: F.linear with weights[l] and biases[l] (None: no bias), torch.relu
     between the layers, and, if log_softmax, F.log_softmax over the last dimension at the end.
     input: (*, in_features); weights[l]: (out_l, in_l). One autograd node for the whole network."""
-    weights = list(weights)
-    biases = [None] * len(weights) if biases is None else list(biases)
+    if type(weights) is not list:
+        weights = list(weights)
+    if biases is None:
+        biases = [None] * len(weights)
+    elif type(biases) is not list:
+        biases = list(biases)
     if _compiling():
         return torch.ops.mnist_fast.fused_mlp.default(input, weights, biases, log_softmax)
     return _C.fused_mlp(input, weights, biases, log_softmax)

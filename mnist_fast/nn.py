@@ -117,6 +117,14 @@ def _mlp_forward(input: Tensor, weights, biases, log_softmax_dim) -> Tensor:
     return F.log_softmax(MF.fused_mlp(input, weights, biases), dim=log_softmax_dim)
 
 
+def _param(module, name):
+    """module.<name> as it is now, read from the Parameter registry when it is there: Module.__getattr__
+    costs about as much as the rest of a small FusedMLP call. Anything else (a parametrization, no
+    bias) goes through getattr."""
+    p = module._parameters.get(name)
+    return p if p is not None else getattr(module, name)
+
+
 class FusedMLP(nn.Sequential):
     """nn.Sequential(Linear, ReLU, ..., Linear[, LogSoftmax(dim=1)]) as one fused op.
 
@@ -175,8 +183,8 @@ class FusedMLP(nn.Sequential):
             return super().forward(input)
         if plan.flatten is not None:
             input = plan.flatten(input)
-        weights = [m.weight for m in plan.linears]
-        biases = [m.bias for m in plan.linears]
+        weights = [_param(m, "weight") for m in plan.linears]
+        biases = [_param(m, "bias") for m in plan.linears]
         if plan.log_softmax is None:
             return MF.fused_mlp(input, weights, biases)
         dim = plan.log_softmax.dim
