@@ -8,6 +8,8 @@
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "ops.h"
 
 namespace mnist_fast {
@@ -195,6 +197,7 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
     ctx->saved_data["has_bias"] = has_bias;
     ctx->saved_data["log_softmax"] = log_softmax;
     ctx->mark_non_differentiable(hidden);
+    ctx->set_materialize_grads(false);  // no zero-filled grads for the hidden outputs, which have none
     variable_list outputs{output};
     outputs.insert(outputs.end(), hidden.begin(), hidden.end());
     return outputs;
@@ -205,6 +208,12 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
     const auto has_bias = ctx->saved_data["has_bias"].toBoolList();
     const bool log_softmax = ctx->saved_data["log_softmax"].toBool();
     const size_t layers = has_bias.size();
+    // One result per forward argument: input, the weights, the present biases, biases, log_softmax.
+    variable_list result;
+    if (!grads[0].defined()) {  // the output took no part in what is differentiated
+      result.resize(1 + layers + std::count(has_bias.begin(), has_bias.end(), true) + 2);
+      return result;
+    }
     const at::TensorList weights(saved.data() + 1, layers);
     const at::TensorList hidden(saved.data() + 1 + layers, layers - 1);
     std::optional<at::Tensor> output;
@@ -219,8 +228,7 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
     }
     auto [grad_input, grad_weights, grad_biases] =
         fused_mlp_backward(grads[0], saved[0], weights, hidden, output, mask);
-    // One result per forward argument: input, the weights, the present biases, biases, log_softmax.
-    variable_list result{grad_input};
+    result.push_back(grad_input);
     for (size_t l = 0; l < layers; ++l) result.push_back(grad_weights.get(l).value_or(at::Tensor()));
     for (size_t l = 0; l < layers; ++l) {
       if (has_bias.get(l)) result.push_back(grad_biases.get(l).value_or(at::Tensor()));
