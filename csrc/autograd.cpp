@@ -8,6 +8,8 @@
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "ops.h"
 
 namespace mnist_fast {
@@ -160,6 +162,123 @@ TORCH_LIBRARY_IMPL(mnist_fast, Autograd, m) {
   m.impl("cross_entropy_forward", TORCH_FN(cross_entropy_forward_autograd));
   m.impl("_linear_relu_backward", TORCH_FN(linear_relu_backward_autograd));
   m.impl("_cross_entropy_backward", TORCH_FN(cross_entropy_backward_autograd));
+}
+
+}  // namespace mnist_fast
+
+// ---- fused_mlp: the whole MLP is one graph node ----
+// It saves the input and weights (for the GEMMs), the hidden ReLU outputs (for the masks) and,
+// after a log-softmax, the output (its backward needs only that); no pre-activations.
+namespace mnist_fast {
+namespace {
+
+// Forward-mode AD has no rule here: a tangent would silently come out as zero, so refuse instead.
+void forbid_forward_ad(const at::Tensor& input, at::TensorList weights, const OptionalTensorList& biases) {
+  using namespace torch::autograd;
+  TORCH_CHECK(!isFwGradDefined(input) && !isFwGradDefinedTensorList(weights) && !isFwGradDefinedTensorList(biases), "mnist_fast.fused_mlp: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
+              "supported; run the stock layers for it (mnist_fast.nn.unfuse(model))");
+}
+
+class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
+ public:
+  // present_biases: the biases that exist, as tensors, so that each gets an autograd edge; biases
+  // (every layer's entry, None included) is what the op takes.
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, at::TensorList weights,
+                               at::TensorList present_biases, const OptionalTensorList& biases, bool log_softmax) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [output, hidden] = fused_mlp_forward(input, weights, biases, log_softmax);
+    variable_list saved{input};
+    saved.insert(saved.end(), weights.begin(), weights.end());
+    saved.insert(saved.end(), hidden.begin(), hidden.end());
+    if (log_softmax) saved.push_back(output);
+    ctx->save_for_backward(saved);
+    c10::List<bool> has_bias;
+    for (size_t l = 0; l < biases.size(); ++l) has_bias.push_back(biases.get(l).has_value());
+    ctx->saved_data["has_bias"] = has_bias;
+    ctx->saved_data["log_softmax"] = log_softmax;
+    ctx->mark_non_differentiable(hidden);
+    ctx->set_materialize_grads(false);  // no zero-filled grads for the hidden outputs, which have none
+    variable_list outputs{output};
+    outputs.insert(outputs.end(), hidden.begin(), hidden.end());
+    return outputs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto has_bias = ctx->saved_data["has_bias"].toBoolList();
+    const bool log_softmax = ctx->saved_data["log_softmax"].toBool();
+    const size_t layers = has_bias.size();
+    // One result per forward argument: input, the weights, the present biases, biases, log_softmax.
+    variable_list result;
+    if (!grads[0].defined()) {  // the output took no part in what is differentiated
+      result.resize(1 + layers + std::count(has_bias.begin(), has_bias.end(), true) + 2);
+      return result;
+    }
+    const at::TensorList weights(saved.data() + 1, layers);
+    const at::TensorList hidden(saved.data() + 1 + layers, layers - 1);
+    std::optional<at::Tensor> output;
+    if (log_softmax) output = saved.back();
+    // Edges: input, every weight, then the biases that exist, in layer order.
+    c10::List<bool> mask({ctx->needs_input_grad(0)});
+    size_t edge = 1 + layers;
+    for (size_t l = 0; l < layers; ++l) {
+      mask.push_back(ctx->needs_input_grad(1 + l));
+      mask.push_back(has_bias.get(l) && ctx->needs_input_grad(edge));
+      edge += has_bias.get(l);
+    }
+    auto [grad_input, grad_weights, grad_biases] =
+        fused_mlp_backward(grads[0], saved[0], weights, hidden, output, mask);
+    result.push_back(grad_input);
+    for (size_t l = 0; l < layers; ++l) result.push_back(grad_weights.get(l).value_or(at::Tensor()));
+    for (size_t l = 0; l < layers; ++l) {
+      if (has_bias.get(l)) result.push_back(grad_biases.get(l).value_or(at::Tensor()));
+    }
+    result.push_back(at::Tensor());
+    result.push_back(at::Tensor());
+    return result;
+  }
+};
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> fused_mlp_forward_autograd(const at::Tensor& input,
+                                                                          at::TensorList weights,
+                                                                          const OptionalTensorList& biases,
+                                                                          bool log_softmax) {
+  forbid_forward_ad(input, weights, biases);
+  std::vector<at::Tensor> present_biases;
+  for (size_t l = 0; l < biases.size(); ++l) {
+    const std::optional<at::Tensor> b = biases.get(l);
+    if (b.has_value() && b->defined()) present_biases.push_back(*b);
+  }
+  bool graph = records_graph(input);
+  for (const auto& w : weights) graph = graph || records_graph(w);
+  for (const auto& b : present_biases) graph = graph || records_graph(b);
+  if (!graph) {  // evaluation: no node to build
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return fused_mlp_forward(input, weights, biases, log_softmax);
+  }
+  auto out = FusedMLPFunction::apply(input, weights, at::TensorList(present_biases), biases, log_softmax);
+  at::Tensor output = out[0];
+  out.erase(out.begin());
+  return {output, std::move(out)};
+}
+
+std::tuple<at::Tensor, OptionalTensorList, OptionalTensorList> fused_mlp_backward_autograd(
+    const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights, at::TensorList hidden,
+    const std::optional<at::Tensor>& output, const c10::List<bool>& output_mask) {
+  bool graph = records_graph(grad_output, input, output.value_or(at::Tensor()));
+  for (const auto& w : weights) graph = graph || records_graph(w);
+  for (const auto& h : hidden) graph = graph || records_graph(h);
+  TORCH_CHECK(!graph, "mnist_fast: double backward of fused_mlp is not supported (backward was called with "
+              "create_graph=True); use stock torch.nn layers for higher-order gradients");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return fused_mlp_backward(grad_output, input, weights, hidden, output, output_mask);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mnist_fast, Autograd, m) {
+  m.impl("fused_mlp_forward", TORCH_FN(fused_mlp_forward_autograd));
+  m.impl("_fused_mlp_backward", TORCH_FN(fused_mlp_backward_autograd));
 }
 
 }  // namespace mnist_fast

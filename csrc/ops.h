@@ -2,6 +2,7 @@
 // dispatcher, so it reaches the right backend kernel (CPU, CUDA) and the autograd wrapper.
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 
 #include <array>
@@ -54,5 +55,27 @@ std::tuple<at::Tensor, at::Tensor> train_step_sgd(const at::Tensor& input, const
 
 // The workspace of train_step_sgd for input's batch size, dtype and device.
 std::vector<at::Tensor> train_step_workspace(const at::Tensor& input, at::TensorList params);
+
+// ---- fused_mlp: a whole MLP (Linear, ReLU, ..., Linear, optional log-softmax) as one op ----
+
+using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
+
+// weights[l] (out_l, in_l), biases[l] (out_l,) or absent; a ReLU after every layer but the last;
+// log_softmax: a log-softmax over the features of the last layer's output. Returns (output of
+// shape (*, out_{L-1}), the L-1 hidden ReLU outputs as (rows, out_l) matrices).
+std::tuple<at::Tensor, std::vector<at::Tensor>> fused_mlp_forward(const at::Tensor& input, at::TensorList weights,
+                                                                 const OptionalTensorList& biases, bool log_softmax);
+
+// The output alone: fused_mlp_forward(...)[0].
+at::Tensor fused_mlp(const at::Tensor& input, at::TensorList weights, const OptionalTensorList& biases,
+                     bool log_softmax);
+
+// Gradients (input, weights, biases) of fused_mlp_forward's output, given the saved hidden
+// activations and, when the forward ended in a log-softmax, its output (else absent).
+// output_mask: [input, weight_0, bias_0, ..., weight_{L-1}, bias_{L-1}]; an entry that is false
+// comes back undefined (None), and layers below the lowest requested gradient are not visited.
+std::tuple<at::Tensor, OptionalTensorList, OptionalTensorList> fused_mlp_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights, at::TensorList hidden,
+    const std::optional<at::Tensor>& output, const c10::List<bool>& output_mask);
 
 }  // namespace mnist_fast

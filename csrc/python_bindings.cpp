@@ -32,4 +32,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   }, "whether the CUDA kernels were compiled into this build");
+  // ---- fused_mlp ----
+  m.def("fused_mlp",
+        [](const at::Tensor& input, const std::vector<at::Tensor>& weights,
+           const std::vector<std::optional<at::Tensor>>& biases, bool log_softmax) {
+          return mnist_fast::fused_mlp(input, weights, mnist_fast::OptionalTensorList(biases), log_softmax);
+        },
+        "a whole MLP (Linear, ReLU, ..., Linear, optional log-softmax) as one op", py::arg("input"),
+        py::arg("weights"), py::arg("biases"), py::arg("log_softmax") = false);
 }

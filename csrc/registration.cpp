@@ -101,3 +101,43 @@ TORCH_LIBRARY(mnist_fast, m) {
 }
 
 }  // namespace mnist_fast
+
+// ---- fused_mlp: a whole MLP as one op (fused_mlp_impl.h) ----
+namespace mnist_fast {
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> fused_mlp_forward(const at::Tensor& input, at::TensorList weights,
+                                                                 const OptionalTensorList& biases, bool log_softmax) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mnist_fast::fused_mlp_forward", "")
+                             .typed<decltype(fused_mlp_forward)>();
+  return op.call(input, weights, biases, log_softmax);
+}
+
+at::Tensor fused_mlp(const at::Tensor& input, at::TensorList weights, const OptionalTensorList& biases,
+                     bool log_softmax) {
+  return std::get<0>(fused_mlp_forward(input, weights, biases, log_softmax));
+}
+
+std::tuple<at::Tensor, OptionalTensorList, OptionalTensorList> fused_mlp_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights, at::TensorList hidden,
+    const std::optional<at::Tensor>& output, const c10::List<bool>& output_mask) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mnist_fast::_fused_mlp_backward", "")
+                             .typed<decltype(fused_mlp_backward)>();
+  return op.call(grad_output, input, weights, hidden, output, output_mask);
+}
+
+TORCH_LIBRARY_FRAGMENT(mnist_fast, m) {
+  // Returns the output and the hidden ReLU outputs that backward needs (non-differentiable).
+  m.def(
+      "fused_mlp_forward(Tensor input, Tensor[] weights, Tensor?[] biases, bool log_softmax=False)"
+      " -> (Tensor output, Tensor[] hidden)");
+  m.def(
+      "_fused_mlp_backward(Tensor grad_output, Tensor input, Tensor[] weights, Tensor[] hidden, Tensor? output,"
+      " bool[] output_mask) -> (Tensor grad_input, Tensor?[] grad_weights, Tensor?[] grad_biases)");
+  // The output alone, for users of torch.ops; decomposes into fused_mlp_forward.
+  m.def("fused_mlp(Tensor input, Tensor[] weights, Tensor?[] biases, bool log_softmax=False) -> Tensor",
+        TORCH_FN(fused_mlp));
+}
+
+}  // namespace mnist_fast

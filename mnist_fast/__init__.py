@@ -5,7 +5,7 @@
 
     y = MF.linear_relu(x, weight, bias)           # == torch.relu(F.linear(x, weight, bias))
     loss = MF.cross_entropy(logits, target)       # == F.cross_entropy(logits, target)
-    model = mnist_fast.fuse(stock_sequential)     # Linear -> ReLU pairs become LinearReLU
+    model = mnist_fast.fuse(stock_model)          # a whole MLP becomes one FusedMLP op (see nn.fuse)
     net = mnist_fast.models.MNISTNet()            # 784-128-64-10 from the fused layers
     trainer = mnist_fast.FusedTrainer(net, lr=0.01, momentum=0.9)
     loss, correct = trainer.step(images, labels)  # forward, loss, backward and SGD update: one op
@@ -24,12 +24,13 @@ except ImportError as error:  # the usual causes, named: an unbuilt checkout, a 
     ) from error
 from . import _ops  # noqa: F401  (fake kernels for torch.compile and opcheck)
 from . import functional, models, nn
-from .nn import CrossEntropyLoss, LinearReLU, fuse
+from .nn import CrossEntropyLoss, FusedMLP, LinearReLU, fuse, unfuse
 from .trainer import FusedTrainer
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "nn", "models", "LinearReLU", "CrossEntropyLoss", "fuse", "FusedTrainer", "cuda_compiled"]
+__all__ = ["functional", "nn", "models", "LinearReLU", "FusedMLP", "CrossEntropyLoss", "fuse", "unfuse", "FusedTrainer",
+           "cuda_compiled"]
 
 
 def cuda_compiled() -> bool:

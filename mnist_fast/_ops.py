@@ -218,3 +218,38 @@ def _train_step_sgd_fake(input, target, params, momentum_buffers, workspace, lr,
     _check_train_step(input, target, params, momentum_buffers, workspace, lr, momentum, dampening, weight_decay,
                       nesterov, label_smoothing)
     return input.new_empty(()), input.new_empty((), dtype=torch.int64)
+
+
+# ---- fused_mlp (a whole MLP as one op) ----
+
+def _check_mlp_chain(input, weights, biases):
+    torch._check(input.dim() >= 1, lambda: "fused_mlp: input needs at least 1 dimension")
+    torch._check(len(weights) >= 1 and len(biases) == len(weights), lambda: "fused_mlp: one bias entry per weight")
+    # A meta tensor among CPU ones dispatches here, not to the kernel that checks devices.
+    for t in [*weights, *[b for b in biases if b is not None]]:
+        torch._check(t.device == input.device, lambda: f"mnist_fast.fused_mlp: expected every weight and bias on "
+                     f"the same device as input ({input.device}), got {t.device}")
+    features = input.shape[-1]
+    for w in weights:
+        torch._check(w.dim() == 2, lambda: "fused_mlp: every weight must be 2-d")
+        torch._check(w.shape[1] == features, lambda: "fused_mlp: the layers do not chain")
+        features = w.shape[0]
+
+
+@torch.library.register_fake("mnist_fast::fused_mlp_forward")
+def _fused_mlp_forward_fake(input, weights, biases, log_softmax=False):
+    _check_mlp_chain(input, weights, biases)
+    rows = 1
+    for size in input.shape[:-1]:
+        rows = rows * size
+    hidden = [input.new_empty((rows, w.shape[0])) for w in weights[:-1]]
+    return input.new_empty((*input.shape[:-1], weights[-1].shape[0])), hidden
+
+
+@torch.library.register_fake("mnist_fast::_fused_mlp_backward")
+def _fused_mlp_backward_fake(grad_output, input, weights, hidden, output, output_mask):
+    # Every gradient the kernel returns is a fresh contiguous tensor.
+    grad_input = input.new_empty(input.shape) if output_mask[0] else None
+    grad_weights = [w.new_empty(w.shape) if output_mask[1 + 2 * l] else None for l, w in enumerate(weights)]
+    grad_biases = [w.new_empty((w.shape[0],)) if output_mask[2 + 2 * l] else None for l, w in enumerate(weights)]
+    return grad_input, grad_weights, grad_biases

@@ -3,11 +3,14 @@
     linear_relu(input, weight, bias=None)  == torch.relu(F.linear(input, weight, bias))
     cross_entropy(input, target, ...)      == F.cross_entropy(input, target, ...)
     log_softmax_nll                         is cross_entropy (log-softmax followed by NLL)
+    fused_mlp(input, weights, biases, log_softmax=False)
+                                           == Linear, ReLU, ..., Linear (, log_softmax over the
+                                              features): a whole MLP, forward and backward one op each
 
 In eager mode the compiled ops are called through a pybind11 fast path; under torch.compile they
 are called as torch.ops.mnist_fast.* so the compiler sees the registered ops (_ops.fast_path).
 """
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -15,11 +18,12 @@ from torch.nn import _reduction
 
 from ._ops import fast_path
 
-__all__ = ["linear_relu", "cross_entropy", "log_softmax_nll"]
+__all__ = ["linear_relu", "cross_entropy", "log_softmax_nll", "fused_mlp"]
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 _linear_relu = fast_path("linear_relu")
 _loss_2d = fast_path("cross_entropy")  # (N, C) input, reduction as a code
+_fused_mlp = fast_path("fused_mlp")
 
 
 def linear_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -86,3 +90,17 @@ def cross_entropy(
 
 
 log_softmax_nll = cross_entropy
+
+
+def fused_mlp(input: Tensor, weights: Sequence[Tensor], biases: Optional[Sequence[Optional[Tensor]]] = None,
+              log_softmax: bool = False) -> Tensor:
+    """A whole MLP in one op: F.linear with weights[l] and biases[l] (None: no bias), torch.relu
+    between the layers, and, if log_softmax, F.log_softmax over the last dimension at the end.
+    input: (*, in_features); weights[l]: (out_l, in_l). One autograd node for the whole network."""
+    if type(weights) is not list:
+        weights = list(weights)
+    if biases is None:
+        biases = [None] * len(weights)
+    elif type(biases) is not list:
+        biases = list(biases)
+    return _fused_mlp(input, weights, biases, log_softmax)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from . import _C
 from ._ops import fast_path
 from .models import MNISTNet
-from .nn import LinearReLU
+from .nn import FusedMLP, LinearReLU
 
 __all__ = ["FusedTrainer"]
 
@@ -54,7 +54,7 @@ def _mlp_layers(model: nn.Module) -> List[nn.Linear]:
         raise TypeError(f"FusedTrainer expects an nn.Module, got {type(model).__name__}")
     if type(model) is MNISTNet:
         children = _flat_children(model.hidden, "hidden") + [("output", model.output)]
-    elif type(model) is nn.Sequential:
+    elif type(model) in (nn.Sequential, FusedMLP):  # fuse() makes a whole-MLP Sequential a FusedMLP
         children = _flat_children(model, "")
     else:
         raise ValueError(f"{_SUPPORTED}; got {type(model).__name__}")
