@@ -56,3 +56,20 @@ std::tuple<at::Tensor, at::Tensor> train_step_sgd(const at::Tensor& input, const
 std::vector<at::Tensor> train_step_workspace(const at::Tensor& input, at::TensorList params);
 
 }  // namespace mnist_fast
+
+// ---- whole-epoch training (train_epoch.cpp) ----
+namespace mnist_fast {
+
+// The SGD steps of an epoch in one call: batch s is images[order[s*batch_size : (s+1)*batch_size]]
+// (the last one may be smaller), trained by train_step_sgd with learning rate lr[s] (lr: float64
+// on the CPU, one per step); params and momentum_buffers are updated in place as by that loop of
+// steps, first_step applying to the first one. Every index of order and every target is checked
+// before the first update. Returns the per-step (losses, correct counts).
+std::tuple<at::Tensor, at::Tensor> train_epoch_sgd(const at::Tensor& images, const at::Tensor& labels,
+                                                   const at::Tensor& order, int64_t batch_size, const at::Tensor& lr,
+                                                   at::TensorList params, at::TensorList momentum_buffers,
+                                                   double momentum, double dampening, double weight_decay,
+                                                   bool nesterov, bool first_step, int64_t ignore_index,
+                                                   double label_smoothing);
+
+}  // namespace mnist_fast

@@ -13,3 +13,18 @@ def _train_step_sgd_fake(input, target, params, momentum_buffers, workspace, lr,
     torch._check(input.dim() == 2, lambda: "train_step_sgd: input must be (N, in_features)")
     torch._check(len(params) >= 2 and len(params) % 2 == 0, lambda: "train_step_sgd: params must be weight/bias pairs")
     return input.new_empty(()), input.new_empty((), dtype=torch.int64)
+
+
+# ---- whole-epoch training (csrc/train_epoch.cpp) ----
+# train_epoch_sgd mutates params and momentum_buffers in place and returns one loss (input dtype)
+# and one correct count (int64) per step: ceil(len(order) / batch_size) steps.
+
+@torch.library.register_fake("mnist_fast::train_epoch_sgd")
+def _train_epoch_sgd_fake(images, labels, order, batch_size, lr, params, momentum_buffers, momentum, dampening,
+                          weight_decay, nesterov, first_step, ignore_index, label_smoothing):
+    torch._check(batch_size >= 1, lambda: "train_epoch_sgd: batch_size must be positive")
+    torch._check(order.dim() == 1, lambda: "train_epoch_sgd: order must be 1-D")
+    torch._check(len(params) >= 2 and len(params) % 2 == 0,
+                 lambda: "train_epoch_sgd: params must be weight/bias pairs")
+    steps = (order.shape[0] + batch_size - 1) // batch_size
+    return images.new_empty((steps,)), images.new_empty((steps,), dtype=torch.int64)

@@ -14,12 +14,16 @@ with `optimizer = torch.optim.SGD(model.parameters(), ...)`, and the model's Par
 in place: they stay the single source of truth (model.state_dict(), checkpoints, evaluation with
 model(x) work as usual). Parameter .grad fields are neither read nor written.
 
+A whole epoch runs in a few calls, the batch gather included, with the same result bit for bit:
+
+    losses, correct = trainer.fit_epoch(train_images, train_labels, batch_size=64, generator=g)
+
 Supported models: MNISTNet, and nn.Sequential stacks (nested ones too) of LinearReLU, nn.Linear
 followed by nn.ReLU, nn.Identity and a leading nn.Flatten, ending in a plain nn.Linear that gives the
 logits; every layer with a bias; float32 or float64 parameters on one device. The CPU kernel is
 the tested one; the CUDA kernel (csrc/cuda/train_step.cu) compiles but has not run on a GPU yet.
 """
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -169,27 +173,8 @@ class FusedTrainer:
 
         images: (N, ...) flattened to (N, in_features); labels: (N,) int64 class indices.
         """
-        if images.dim() < 2:
-            raise ValueError(f"FusedTrainer.step: expected images of shape (N, ...) with N samples, got shape "
-                             f"{tuple(images.shape)}")
-        x = images.flatten(1)
-        first = self._params[0]
-        if x.dtype != first.dtype or x.device != first.device:
-            raise TypeError(f"FusedTrainer.step: expected images of the parameters' dtype and device ({first.dtype} "
-                            f"on {first.device}), got {x.dtype} on {x.device}")
-        if labels.dtype == torch.uint8:  # as F.cross_entropy, which also takes uint8 class indices
-            labels = labels.long()
-        first_step = False
-        buffers: List[Tensor] = []
-        if self.momentum != 0.0:
-            buffers = self._buffers
-            if buffers is None:  # the first momentum step: the op sets buffer = gradient
-                with torch.inference_mode(False):
-                    buffers = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in self._params]
-                first_step = True
-            elif any(b.dtype != p.dtype or b.device != p.device for b, p in zip(buffers, self._params)):
-                # The model was moved or cast (model.double()): keep the state, as torch.optim.SGD does.
-                buffers = self._buffers = [b.to(p) for b, p in zip(buffers, self._params)]
+        x, labels = self._inputs(images, labels, "step")
+        buffers, first_step = self._momentum_buffers()
         # Eager: the pybind11 entry point (about 5 us less per call than torch.ops); traced: the op.
         call = _OPS.train_step_sgd.default if torch.compiler.is_compiling() else _C.train_step_sgd
         loss, correct = call(
@@ -198,6 +183,117 @@ class FusedTrainer:
         if first_step:  # only once the step went through: a rejected batch leaves no state behind
             self._buffers = buffers
         return loss, int(correct)
+
+    def _inputs(self, images: Tensor, labels: Tensor, method: str) -> Tuple[Tensor, Tensor]:
+        """images flattened to (N, in_features) and int64 labels, or a clear error."""
+        if images.dim() < 2:
+            raise ValueError(f"FusedTrainer.{method}: expected images of shape (N, ...) with N samples, got shape "
+                             f"{tuple(images.shape)}")
+        x = images.flatten(1)
+        first = self._params[0]
+        if x.dtype != first.dtype or x.device != first.device:
+            raise TypeError(f"FusedTrainer.{method}: expected images of the parameters' dtype and device "
+                            f"({first.dtype} on {first.device}), got {x.dtype} on {x.device}")
+        if labels.dtype == torch.uint8:  # as F.cross_entropy, which also takes uint8 class indices
+            labels = labels.long()
+        return x, labels
+
+    def fit_epoch(self, images: Tensor, labels: Tensor, batch_size: int,
+                  generator: Optional[torch.Generator] = None, lr_schedule: Optional[Sequence[float]] = None, *,
+                  order: Optional[Tensor] = None, chunk: Optional[int] = None,
+                  on_chunk: Optional[Callable[[int, Tensor, Tensor], None]] = None) -> Tuple[Tensor, Tensor]:
+        """One epoch of training steps in a few fused calls; returns the per-step (losses, correct counts)
+        as tensors on the device.
+
+        The same training, bit for bit, as the step loop
+
+            order = torch.randperm(len(images), generator=generator)
+            for s, start in enumerate(range(0, len(order), batch_size)):
+                index = order[start:start + batch_size]
+                trainer.step(images[index], labels[index])   # with lr = lr_schedule[s] when given
+
+        but with the steps (batch gather included) run in C++, ``chunk`` steps per call (default: all
+        of them in one call). images: (N, ...) on the parameters' device and of their dtype (all the
+        training data, e.g. a normalized Split); labels: (N,) class indices. order: the sample order
+        to use instead of a permutation drawn with ``generator`` (any 1-D index tensor, e.g.
+        data.Batches.indices()). lr_schedule: one learning rate per step; trainer.lr (unchanged)
+        otherwise. on_chunk(samples, losses, correct) is called after each call with the number of
+        samples it trained and its steps' losses and correct counts (e.g. to update a progress bar).
+        Every index and target of the epoch is checked before the first update.
+        """
+        x, labels = self._inputs(images, labels, "fit_epoch")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"FusedTrainer.fit_epoch: batch_size must be a positive int, got {batch_size!r}")
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"FusedTrainer.fit_epoch: chunk must be a positive number of steps, got {chunk!r}")
+        if order is None:  # drawn on the CPU, as data.Batches does: the same order on every device
+            order = torch.randperm(x.shape[0], generator=generator)
+        elif generator is not None:
+            raise ValueError("FusedTrainer.fit_epoch: pass either an order or a generator to draw one, not both")
+        order = order.to(x.device)
+        steps = -(-order.shape[0] // batch_size) if order.dim() == 1 else 0
+        if lr_schedule is None:
+            lrs = torch.full((steps,), self.lr, dtype=torch.float64)
+        else:
+            lrs = torch.as_tensor(lr_schedule, dtype=torch.float64, device="cpu").flatten()
+            if lrs.shape[0] != steps:
+                raise ValueError(f"FusedTrainer.fit_epoch: lr_schedule has {lrs.shape[0]} learning rates for "
+                                 f"{steps} steps ({order.shape[0]} samples in batches of {batch_size})")
+            if (lrs < 0).any():  # before the first step, not halfway through the epoch
+                raise ValueError(f"Invalid learning rate: {lrs[lrs < 0][0].item()}")
+        chunk = chunk or max(steps, 1)
+        if chunk < steps:  # each call checks its own steps; a bad target in a later one must fail before the first
+            self._check_epoch(x, labels, order, batch_size)
+        # Eager: the pybind11 entry point (no GIL held while it runs); traced: the op.
+        call = _OPS.train_epoch_sgd.default if torch.compiler.is_compiling() else _C.train_epoch_sgd
+        losses, correct = [], []
+        for first in range(0, max(steps, 1), chunk):
+            last = min(first + chunk, steps)
+            part = order[first * batch_size:last * batch_size]
+            buffers, first_step = self._momentum_buffers()
+            chunk_losses, chunk_correct = call(
+                x, labels, part, batch_size, lrs[first:last], self._params, buffers, self.momentum, self.dampening,
+                self.weight_decay, self.nesterov, first_step, self.ignore_index, self.label_smoothing)
+            if first_step and last > first:  # only once an update went through
+                self._buffers = buffers
+            losses.append(chunk_losses)
+            correct.append(chunk_correct)
+            if on_chunk is not None:
+                on_chunk(part.shape[0], chunk_losses, chunk_correct)
+        return torch.cat(losses), torch.cat(correct)
+
+    def _check_epoch(self, x: Tensor, labels: Tensor, order: Tensor, batch_size: int) -> None:
+        """The op's up-front checks of order and targets (csrc/train_epoch.cpp), over the whole epoch. What
+        they need is checked by the op itself on the first call, before it trains."""
+        n = x.shape[0]
+        if order.dtype != torch.int64 or order.dim() != 1 or labels.dtype != torch.int64 or labels.shape != (n,):
+            return
+        low, high = (int(v) for v in torch.aminmax(order))
+        if low < 0 or high >= n:
+            raise IndexError(f"FusedTrainer.fit_epoch: order holds index {low if low < 0 else high}, out of range "
+                             f"for {n} samples")
+        targets = labels[order]
+        classes = self._params[-1].shape[0]
+        bad = (targets != self.ignore_index) & ((targets < 0) | (targets >= classes))
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise IndexError(f"FusedTrainer.fit_epoch: Target {int(targets[i])} is out of bounds for {classes} "
+                             f"classes (sample {int(order[i])}, step {i // batch_size}).")
+
+    def _momentum_buffers(self) -> Tuple[List[Tensor], bool]:
+        """The momentum buffers for the next step (none when momentum is 0) and whether that step is the
+        first momentum step (new, unset buffers: the op sets buffer = gradient). The caller stores new
+        buffers in self._buffers once the op went through, so that a rejected batch leaves no state."""
+        if self.momentum == 0.0:
+            return [], False
+        buffers = self._buffers
+        if buffers is None:
+            with torch.inference_mode(False):  # a later step outside inference mode writes to them
+                return [torch.empty_like(p, memory_format=torch.contiguous_format) for p in self._params], True
+        if any(b.dtype != p.dtype or b.device != p.device for b, p in zip(buffers, self._params)):
+            # The model was moved or cast (model.double()): keep the state, as torch.optim.SGD does.
+            buffers = self._buffers = [b.to(p) for b, p in zip(buffers, self._params)]
+        return buffers, False
 
     def _group(self) -> Dict[str, Any]:
         return {"lr": self.lr, "momentum": self.momentum, "dampening": self.dampening,
