@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's mnist_fast
+
 SIZES = (784, 128, 64, 10)
 LR, MOMENTUM = 0.01, 0.9
 CLOCKS = {"process": time.process_time, "wall": time.perf_counter}

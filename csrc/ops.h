@@ -73,3 +73,14 @@ std::tuple<at::Tensor, at::Tensor> train_epoch_sgd(const at::Tensor& images, con
                                                    double label_smoothing);
 
 }  // namespace mnist_fast
+
+// ---- Adam / AdamW update (cpu/adam.cpp) ----
+namespace mnist_fast {
+
+// torch.optim.Adam's update (AdamW's with decoupled_weight_decay) of every params[i] given its
+// gradient grads[i], in place with exp_avgs and exp_avg_sqs; step: the step's number, from 1.
+void adam_update(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                 int64_t step, double lr, double beta1, double beta2, double eps, double weight_decay,
+                 bool decoupled_weight_decay);
+
+}  // namespace mnist_fast

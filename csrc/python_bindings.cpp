@@ -48,4 +48,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("params"), py::arg("momentum_buffers"), py::arg("momentum"), py::arg("dampening"),
         py::arg("weight_decay"), py::arg("nesterov"), py::arg("first_step"), py::arg("ignore_index"),
         py::arg("label_smoothing"), py::call_guard<py::gil_scoped_release>());
+  // ---- Adam / AdamW update (cpu/adam.cpp) ----
+  m.def("adam_update",
+        [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+           const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs, int64_t step,
+           double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay) {
+          mnist_fast::adam_update(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
+                                  decoupled_weight_decay);
+        },
+        "torch.optim.Adam's (or AdamW's) update of every parameter given its gradient, in place",
+        py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("step"),
+        py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("decoupled_weight_decay"));
 }

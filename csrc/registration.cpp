@@ -129,3 +129,23 @@ TORCH_LIBRARY_FRAGMENT(mnist_fast, m) {
 }
 
 }  // namespace mnist_fast
+
+// ---- Adam / AdamW update (kernel: cpu/adam.cpp) ----
+namespace mnist_fast {
+
+void adam_update(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                 int64_t step, double lr, double beta1, double beta2, double eps, double weight_decay,
+                 bool decoupled_weight_decay) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mnist_fast::adam_update", "").typed<decltype(adam_update)>();
+  op.call(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay);
+}
+
+TORCH_LIBRARY_FRAGMENT(mnist_fast, m) {
+  // torch.optim.Adam's update (AdamW's with decoupled_weight_decay), in place, given the gradients.
+  m.def(
+      "adam_update(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, int step,"
+      " float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay) -> ()");
+}
+
+}  // namespace mnist_fast

@@ -28,3 +28,14 @@ def _train_epoch_sgd_fake(images, labels, order, batch_size, lr, params, momentu
                  lambda: "train_epoch_sgd: params must be weight/bias pairs")
     steps = (order.shape[0] + batch_size - 1) // batch_size
     return images.new_empty((steps,)), images.new_empty((steps,), dtype=torch.int64)
+
+
+# ---- Adam / AdamW update (csrc/cpu/adam.cpp) ----
+# adam_update mutates params, exp_avgs and exp_avg_sqs in place and returns nothing.
+
+@torch.library.register_fake("mnist_fast::adam_update")
+def _adam_update_fake(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
+                      decoupled_weight_decay):
+    torch._check(len(grads) == len(params) and len(exp_avgs) == len(params) and len(exp_avg_sqs) == len(params),
+                 lambda: "adam_update: expected one gradient, exp_avg and exp_avg_sq per parameter")
+    return None
