@@ -477,7 +477,7 @@ def _train_step(model, criterion, optimizer, images, labels):
 def _train_epoch(model, criterion, optimizer, batches, device, progress):
     """One pass over this rank's batches; returns (sum of sample losses, samples seen)."""
     model.train()
-    if isinstance(optimizer, FusedTrainer) and isinstance(batches, mnist_data.Batches):
+    if isinstance(optimizer, FusedTrainer) and optimizer.optimizer == "sgd" and isinstance(batches, mnist_data.Batches):
         return _fit_epoch(optimizer, batches, progress)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
@@ -501,6 +501,8 @@ def _fit_epoch(trainer: FusedTrainer, batches: mnist_data.Batches, progress):
 
     def report(samples, losses, _correct):
         nonlocal seen
+        if not samples:
+            return
         counts = torch.full_like(losses, batches.batch_size, dtype=torch.float64)
         counts[-1] = samples - batches.batch_size * (losses.shape[0] - 1)
         loss_sum.add_((losses.double() * counts).sum())
