@@ -79,3 +79,31 @@ std::tuple<at::Tensor, OptionalTensorList, OptionalTensorList> fused_mlp_backwar
     const std::optional<at::Tensor>& output, const c10::List<bool>& output_mask);
 
 }  // namespace mnist_fast
+
+// ---- whole-epoch training (train_epoch.cpp) ----
+namespace mnist_fast {
+
+// The SGD steps of an epoch in one call: batch s is images[order[s*batch_size : (s+1)*batch_size]]
+// (the last one may be smaller), trained by train_step_sgd with learning rate lr[s] (lr: float64
+// on the CPU, one per step); params and momentum_buffers are updated in place as by that loop of
+// steps, first_step applying to the first one. Every index of order and every target is checked
+// before the first update. Returns the per-step (losses, correct counts).
+std::tuple<at::Tensor, at::Tensor> train_epoch_sgd(const at::Tensor& images, const at::Tensor& labels,
+                                                   const at::Tensor& order, int64_t batch_size, const at::Tensor& lr,
+                                                   at::TensorList params, at::TensorList momentum_buffers,
+                                                   double momentum, double dampening, double weight_decay,
+                                                   bool nesterov, bool first_step, int64_t ignore_index,
+                                                   double label_smoothing);
+
+}  // namespace mnist_fast
+
+// ---- Adam / AdamW update (cpu/adam.cpp) ----
+namespace mnist_fast {
+
+// torch.optim.Adam's update (AdamW's with decoupled_weight_decay) of every params[i] given its
+// gradient grads[i], in place with exp_avgs and exp_avg_sqs; step: the step's number, from 1.
+void adam_update(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                 int64_t step, double lr, double beta1, double beta2, double eps, double weight_decay,
+                 bool decoupled_weight_decay);
+
+}  // namespace mnist_fast

@@ -40,4 +40,32 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         },
         "a whole MLP (Linear, ReLU, ..., Linear, optional log-softmax) as one op", py::arg("input"),
         py::arg("weights"), py::arg("biases"), py::arg("log_softmax") = false);
+  // ---- whole-epoch training (train_epoch.cpp) ----
+  // Without the GIL while the epoch runs (seconds), so that other Python threads keep going.
+  m.def("train_epoch_sgd",
+        [](const at::Tensor& images, const at::Tensor& labels, const at::Tensor& order, int64_t batch_size,
+           const at::Tensor& lr, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& momentum_buffers,
+           double momentum, double dampening, double weight_decay, bool nesterov, bool first_step,
+           int64_t ignore_index, double label_smoothing) {
+          return mnist_fast::train_epoch_sgd(images, labels, order, batch_size, lr, params, momentum_buffers, momentum,
+                                             dampening, weight_decay, nesterov, first_step, ignore_index,
+                                             label_smoothing);
+        },
+        "the SGD steps of an epoch (batches gathered by order, lr per step) in place; returns (losses, correct)",
+        py::arg("images"), py::arg("labels"), py::arg("order"), py::arg("batch_size"), py::arg("lr"),
+        py::arg("params"), py::arg("momentum_buffers"), py::arg("momentum"), py::arg("dampening"),
+        py::arg("weight_decay"), py::arg("nesterov"), py::arg("first_step"), py::arg("ignore_index"),
+        py::arg("label_smoothing"), py::call_guard<py::gil_scoped_release>());
+  // ---- Adam / AdamW update (cpu/adam.cpp) ----
+  m.def("adam_update",
+        [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+           const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs, int64_t step,
+           double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay) {
+          mnist_fast::adam_update(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
+                                  decoupled_weight_decay);
+        },
+        "torch.optim.Adam's (or AdamW's) update of every parameter given its gradient, in place",
+        py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("step"),
+        py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("decoupled_weight_decay"));
 }

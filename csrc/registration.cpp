@@ -141,3 +141,51 @@ TORCH_LIBRARY_FRAGMENT(mnist_fast, m) {
 }
 
 }  // namespace mnist_fast
+
+// ---- whole-epoch training (kernel: train_epoch.cpp) ----
+namespace mnist_fast {
+
+std::tuple<at::Tensor, at::Tensor> train_epoch_sgd(const at::Tensor& images, const at::Tensor& labels,
+                                                   const at::Tensor& order, int64_t batch_size, const at::Tensor& lr,
+                                                   at::TensorList params, at::TensorList momentum_buffers,
+                                                   double momentum, double dampening, double weight_decay,
+                                                   bool nesterov, bool first_step, int64_t ignore_index,
+                                                   double label_smoothing) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mnist_fast::train_epoch_sgd", "")
+                             .typed<decltype(train_epoch_sgd)>();
+  return op.call(images, labels, order, batch_size, lr, params, momentum_buffers, momentum, dampening, weight_decay,
+                 nesterov, first_step, ignore_index, label_smoothing);
+}
+
+TORCH_LIBRARY_FRAGMENT(mnist_fast, m) {
+  // The steps of an SGD epoch: batch s = images[order[s*batch_size:(s+1)*batch_size]] trained by
+  // train_step_sgd with lr[s]; params and momentum_buffers updated in place. Returns per-step
+  // (losses, correct).
+  m.def(
+      "train_epoch_sgd(Tensor images, Tensor labels, Tensor order, int batch_size, Tensor lr,"
+      " Tensor(a!)[] params, Tensor(b!)[] momentum_buffers, float momentum, float dampening, float weight_decay,"
+      " bool nesterov, bool first_step, int ignore_index, float label_smoothing) -> (Tensor losses, Tensor correct)");
+}
+
+}  // namespace mnist_fast
+
+// ---- Adam / AdamW update (kernel: cpu/adam.cpp) ----
+namespace mnist_fast {
+
+void adam_update(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                 int64_t step, double lr, double beta1, double beta2, double eps, double weight_decay,
+                 bool decoupled_weight_decay) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mnist_fast::adam_update", "").typed<decltype(adam_update)>();
+  op.call(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay);
+}
+
+TORCH_LIBRARY_FRAGMENT(mnist_fast, m) {
+  // torch.optim.Adam's update (AdamW's with decoupled_weight_decay), in place, given the gradients.
+  m.def(
+      "adam_update(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, int step,"
+      " float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay) -> ()");
+}
+
+}  // namespace mnist_fast

@@ -127,6 +127,8 @@ def _train_step(model, criterion, optimizer, images, labels):
 def _train_epoch(model, criterion, optimizer, batches, device, progress):
     """One pass over this rank's batches; returns (sum of sample losses, samples seen)."""
     model.train()
+    if isinstance(optimizer, FusedTrainer) and optimizer.optimizer == "sgd" and isinstance(batches, mnist_data.Batches):
+        return _fit_epoch(optimizer, batches, progress)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
     for step, (images, labels) in enumerate(batches):
@@ -139,6 +141,28 @@ def _train_epoch(model, criterion, optimizer, batches, device, progress):
         progress.update(count)
         if step % 100 == 99:
             progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", refresh=False)
+    return loss_sum, seen
+
+
+def _fit_epoch(trainer: FusedTrainer, batches: mnist_data.Batches, progress):
+    """_train_epoch's loop run by FusedTrainer.fit_epoch: the same batches and updates, 100 steps per call."""
+    loss_sum = torch.zeros((), dtype=torch.float64, device=batches.split.labels.device)
+    seen = 0
+
+    def report(samples, losses, _correct):
+        nonlocal seen
+        if not samples:
+            return
+        counts = torch.full_like(losses, batches.batch_size, dtype=torch.float64)
+        counts[-1] = samples - batches.batch_size * (losses.shape[0] - 1)
+        loss_sum.add_((losses.double() * counts).sum())
+        seen += samples
+        progress.update(samples)
+        progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", refresh=False)
+
+    split = batches.split
+    trainer.fit_epoch(split.images, split.labels, batches.batch_size, order=batches.indices(), chunk=100,
+                      on_chunk=report)
     return loss_sum, seen
 
 

@@ -14,12 +14,16 @@ with `optimizer = torch.optim.SGD(model.parameters(), ...)`, and the model's Par
 in place: they stay the single source of truth (model.state_dict(), checkpoints, evaluation with
 model(x) work as usual). Parameter .grad fields are neither read nor written.
 
+A whole epoch runs in a few calls, the batch gather included, with the same result bit for bit:
+
+    losses, correct = trainer.fit_epoch(train_images, train_labels, batch_size=64, generator=g)
+
 Supported models: MNISTNet, and nn.Sequential stacks (nested ones too) of LinearReLU, nn.Linear
 followed by nn.ReLU, nn.Identity and a leading nn.Flatten, ending in a plain nn.Linear that gives the
 logits; every layer with a bias; float32 or float64 parameters on one device. The CPU kernel is
 the tested one; the CUDA kernel (csrc/cuda/train_step.cu) compiles but has not run on a GPU yet.
 """
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +37,8 @@ __all__ = ["FusedTrainer"]
 
 _OPS = torch.ops.mnist_fast
 _train_step_sgd = fast_path("train_step_sgd")
+_train_epoch_sgd = fast_path("train_epoch_sgd")
+_adam_update = fast_path("adam_update")
 _SUPPORTED = ("FusedTrainer supports MNISTNet and nn.Sequential stacks of LinearReLU / nn.Linear + nn.ReLU "
               "layers (nn.Identity and a leading nn.Flatten allowed) ending in a plain nn.Linear")
 
@@ -103,11 +109,16 @@ class FusedTrainer:
     ignore_index and label_smoothing as in nn.CrossEntropyLoss (mean reduction, class-index targets).
     The hyper-parameters are plain attributes and may be changed between steps (a learning-rate
     schedule assigns trainer.lr).
+
+    optimizer='adam' or 'adamw' (CPU only): torch.optim.Adam's / AdamW's update instead of SGD's,
+    with betas, eps and weight_decay as there (default weight_decay: 0 for Adam, 1e-2 for AdamW);
+    step() then runs the fused forward/loss/backward and one fused Adam pass per parameter.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, *, ignore_index: int = -100,
-                 label_smoothing: float = 0.0):
+                 weight_decay: Optional[float] = None, nesterov: bool = False, *, ignore_index: int = -100,
+                 label_smoothing: float = 0.0, optimizer: str = "sgd", betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
         layers = _mlp_layers(model)
         self.model = model
         self._params: List[nn.Parameter] = []
@@ -135,6 +146,7 @@ class FusedTrainer:
             raise ValueError("FusedTrainer: the model has parameters outside its Linear layers (or shares one "
                              "between layers), which the fused step would not train")
         self._model_index = [model_index[id(p)] for p in self._params]
+        weight_decay = self._init_optimizer(optimizer, weight_decay, momentum, dampening, nesterov, betas, eps)
         self._check_hyper(lr, momentum, dampening, weight_decay, nesterov)
         self.lr, self.momentum, self.dampening = float(lr), float(momentum), float(dampening)
         self.weight_decay, self.nesterov = float(weight_decay), bool(nesterov)
@@ -170,33 +182,128 @@ class FusedTrainer:
 
         images: (N, ...) flattened to (N, in_features); labels: (N,) int64 class indices.
         """
-        if images.dim() < 2:
-            raise ValueError(f"FusedTrainer.step: expected images of shape (N, ...) with N samples, got shape "
-                             f"{tuple(images.shape)}")
-        x = images.flatten(1)
-        first = self._params[0]
-        if x.dtype != first.dtype or x.device != first.device:
-            raise TypeError(f"FusedTrainer.step: expected images of the parameters' dtype and device ({first.dtype} "
-                            f"on {first.device}), got {x.dtype} on {x.device}")
-        if labels.dtype == torch.uint8:  # as F.cross_entropy, which also takes uint8 class indices
-            labels = labels.long()
-        first_step = False
-        buffers: List[Tensor] = []
-        if self.momentum != 0.0:
-            buffers = self._buffers
-            if buffers is None:  # the first momentum step: the op sets buffer = gradient
-                with torch.inference_mode(False):
-                    buffers = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in self._params]
-                first_step = True
-            elif any(b.dtype != p.dtype or b.device != p.device for b, p in zip(buffers, self._params)):
-                # The model was moved or cast (model.double()): keep the state, as torch.optim.SGD does.
-                buffers = self._buffers = [b.to(p) for b, p in zip(buffers, self._params)]
+        x, labels = self._inputs(images, labels, "step")
+        if self.optimizer != "sgd":
+            return self._adam_step(x, labels)
+        buffers, first_step = self._momentum_buffers()
         loss, correct = _train_step_sgd(
             x, labels, self._params, buffers, self._workspace(x), self.lr, self.momentum, self.dampening,
             self.weight_decay, self.nesterov, first_step, self.ignore_index, self.label_smoothing)
         if first_step:  # only once the step went through: a rejected batch leaves no state behind
             self._buffers = buffers
         return loss, int(correct)
+
+    def _inputs(self, images: Tensor, labels: Tensor, method: str) -> Tuple[Tensor, Tensor]:
+        """images flattened to (N, in_features) and int64 labels, or a clear error."""
+        if images.dim() < 2:
+            raise ValueError(f"FusedTrainer.{method}: expected images of shape (N, ...) with N samples, got shape "
+                             f"{tuple(images.shape)}")
+        x = images.flatten(1)
+        first = self._params[0]
+        if x.dtype != first.dtype or x.device != first.device:
+            raise TypeError(f"FusedTrainer.{method}: expected images of the parameters' dtype and device "
+                            f"({first.dtype} on {first.device}), got {x.dtype} on {x.device}")
+        if labels.dtype == torch.uint8:  # as F.cross_entropy, which also takes uint8 class indices
+            labels = labels.long()
+        return x, labels
+
+    def fit_epoch(self, images: Tensor, labels: Tensor, batch_size: int,
+                  generator: Optional[torch.Generator] = None, lr_schedule: Optional[Sequence[float]] = None, *,
+                  order: Optional[Tensor] = None, chunk: Optional[int] = None,
+                  on_chunk: Optional[Callable[[int, Tensor, Tensor], None]] = None) -> Tuple[Tensor, Tensor]:
+        """One epoch of training steps in a few fused calls; returns the per-step (losses, correct counts)
+        as tensors on the device.
+
+        The same training, bit for bit, as the step loop
+
+            order = torch.randperm(len(images), generator=generator)
+            for s, start in enumerate(range(0, len(order), batch_size)):
+                index = order[start:start + batch_size]
+                trainer.step(images[index], labels[index])   # with lr = lr_schedule[s] when given
+
+        but with the steps (batch gather included) run in C++, ``chunk`` steps per call (default: all
+        of them in one call). images: (N, ...) on the parameters' device and of their dtype (all the
+        training data, e.g. a normalized Split); labels: (N,) class indices. order: the sample order
+        to use instead of a permutation drawn with ``generator`` (any 1-D index tensor, e.g.
+        data.Batches.indices()). lr_schedule: one learning rate per step; trainer.lr (unchanged)
+        otherwise. on_chunk(samples, losses, correct) is called after each call with the number of
+        samples it trained and its steps' losses and correct counts (e.g. to update a progress bar).
+        Every index and target of the epoch is checked before the first update.
+        """
+        x, labels = self._inputs(images, labels, "fit_epoch")
+        if self.optimizer != "sgd":
+            raise NotImplementedError(f"FusedTrainer.fit_epoch runs SGD; with optimizer={self.optimizer!r} "
+                                      "call step() for each batch")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"FusedTrainer.fit_epoch: batch_size must be a positive int, got {batch_size!r}")
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"FusedTrainer.fit_epoch: chunk must be a positive number of steps, got {chunk!r}")
+        if order is None:  # drawn on the CPU, as data.Batches does: the same order on every device
+            order = torch.randperm(x.shape[0], generator=generator)
+        elif generator is not None:
+            raise ValueError("FusedTrainer.fit_epoch: pass either an order or a generator to draw one, not both")
+        order = order.to(x.device)
+        steps = -(-order.shape[0] // batch_size) if order.dim() == 1 else 0
+        if lr_schedule is None:
+            lrs = torch.full((steps,), self.lr, dtype=torch.float64)
+        else:
+            lrs = torch.as_tensor(lr_schedule, dtype=torch.float64, device="cpu").flatten()
+            if lrs.shape[0] != steps:
+                raise ValueError(f"FusedTrainer.fit_epoch: lr_schedule has {lrs.shape[0]} learning rates for "
+                                 f"{steps} steps ({order.shape[0]} samples in batches of {batch_size})")
+            if (lrs < 0).any():  # before the first step, not halfway through the epoch
+                raise ValueError(f"Invalid learning rate: {lrs[lrs < 0][0].item()}")
+        chunk = chunk or max(steps, 1)
+        if chunk < steps:  # each call checks its own steps; a bad target in a later one must fail before the first
+            self._check_epoch(x, labels, order, batch_size)
+        losses, correct = [], []
+        for first in range(0, max(steps, 1), chunk):
+            last = min(first + chunk, steps)
+            part = order[first * batch_size:last * batch_size]
+            buffers, first_step = self._momentum_buffers()
+            chunk_losses, chunk_correct = _train_epoch_sgd(
+                x, labels, part, batch_size, lrs[first:last], self._params, buffers, self.momentum, self.dampening,
+                self.weight_decay, self.nesterov, first_step, self.ignore_index, self.label_smoothing)
+            if first_step and last > first:  # only once an update went through
+                self._buffers = buffers
+            losses.append(chunk_losses)
+            correct.append(chunk_correct)
+            if on_chunk is not None:
+                on_chunk(part.shape[0], chunk_losses, chunk_correct)
+        return torch.cat(losses), torch.cat(correct)
+
+    def _check_epoch(self, x: Tensor, labels: Tensor, order: Tensor, batch_size: int) -> None:
+        """The op's up-front checks of order and targets (csrc/train_epoch.cpp), over the whole epoch. What
+        they need is checked by the op itself on the first call, before it trains."""
+        n = x.shape[0]
+        if order.dtype != torch.int64 or order.dim() != 1 or labels.dtype != torch.int64 or labels.shape != (n,):
+            return
+        low, high = (int(v) for v in torch.aminmax(order))
+        if low < 0 or high >= n:
+            raise IndexError(f"FusedTrainer.fit_epoch: order holds index {low if low < 0 else high}, out of range "
+                             f"for {n} samples")
+        targets = labels[order]
+        classes = self._params[-1].shape[0]
+        bad = (targets != self.ignore_index) & ((targets < 0) | (targets >= classes))
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise IndexError(f"FusedTrainer.fit_epoch: Target {int(targets[i])} is out of bounds for {classes} "
+                             f"classes (sample {int(order[i])}, step {i // batch_size}).")
+
+    def _momentum_buffers(self) -> Tuple[List[Tensor], bool]:
+        """The momentum buffers for the next step (none when momentum is 0) and whether that step is the
+        first momentum step (new, unset buffers: the op sets buffer = gradient). The caller stores new
+        buffers in self._buffers once the op went through, so that a rejected batch leaves no state."""
+        if self.momentum == 0.0:
+            return [], False
+        buffers = self._buffers
+        if buffers is None:
+            with torch.inference_mode(False):  # a later step outside inference mode writes to them
+                return [torch.empty_like(p, memory_format=torch.contiguous_format) for p in self._params], True
+        if any(b.dtype != p.dtype or b.device != p.device for b, p in zip(buffers, self._params)):
+            # The model was moved or cast (model.double()): keep the state, as torch.optim.SGD does.
+            buffers = self._buffers = [b.to(p) for b, p in zip(buffers, self._params)]
+        return buffers, False
 
     def _group(self) -> Dict[str, Any]:
         return {"lr": self.lr, "momentum": self.momentum, "dampening": self.dampening,
@@ -206,7 +313,10 @@ class FusedTrainer:
     def state_dict(self) -> Dict[str, Any]:
         """The optimizer state in torch.optim.SGD's format, parameters numbered as in model.parameters():
         torch.optim.SGD(model.parameters()).load_state_dict(trainer.state_dict()) continues the same run.
-        As with SGD, the momentum buffers are returned by reference, not copied."""
+        As with SGD, the momentum buffers are returned by reference, not copied.
+        With optimizer='adam'/'adamw': torch.optim.Adam's / AdamW's format instead."""
+        if self.optimizer != "sgd":
+            return self._adam_state_dict()
         state = {}
         if self._buffers is not None:
             for k, buf in enumerate(self._buffers):
@@ -215,7 +325,10 @@ class FusedTrainer:
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restores hyper-parameters and momentum buffers from FusedTrainer.state_dict() or from a
-        torch.optim.SGD(model.parameters()) state_dict (one parameter group)."""
+        torch.optim.SGD(model.parameters()) state_dict (one parameter group); with optimizer='adam'/'adamw',
+        from an Adam / AdamW one."""
+        if self.optimizer != "sgd":
+            return self._load_adam_state_dict(state_dict)
         groups = state_dict["param_groups"]
         if len(groups) != 1:
             raise ValueError(f"FusedTrainer.load_state_dict: expected one parameter group, got {len(groups)}")
@@ -253,5 +366,120 @@ class FusedTrainer:
 
     def __repr__(self) -> str:
         sizes = [self._params[0].shape[1]] + [w.shape[0] for w in self._params[::2]]
+        if self.optimizer != "sgd":
+            return (f"FusedTrainer({'-'.join(map(str, sizes))}, optimizer={self.optimizer!r}, lr={self.lr}, "
+                    f"betas={self.betas}, eps={self.eps}, weight_decay={self.weight_decay})")
         return (f"FusedTrainer({'-'.join(map(str, sizes))}, lr={self.lr}, momentum={self.momentum}, "
                 f"dampening={self.dampening}, weight_decay={self.weight_decay}, nesterov={self.nesterov})")
+
+    # ---- Adam / AdamW (csrc/cpu/adam.cpp) ----
+    # The train step computes the gradients (an SGD step with lr 0 leaves every parameter as it is,
+    # p - 0 * g, and leaves the gradients in its workspace); one fused pass per parameter then does
+    # torch.optim.Adam's (AdamW's) update of exp_avg, exp_avg_sq and the parameter.
+
+    _OPTIMIZERS = ("sgd", "adam", "adamw")
+
+    def _init_optimizer(self, optimizer, weight_decay, momentum, dampening, nesterov, betas, eps) -> float:
+        """Sets the optimizer and its Adam options; returns weight_decay with the optimizer's default."""
+        if optimizer not in self._OPTIMIZERS:
+            raise ValueError(f"FusedTrainer: optimizer must be one of {self._OPTIMIZERS}, got {optimizer!r}")
+        self.optimizer = optimizer
+        self._adam: Optional[Dict[str, Any]] = None  # step, exp_avgs, exp_avg_sqs: None until the first step
+        if optimizer == "sgd":
+            return 0.0 if weight_decay is None else weight_decay
+        if momentum != 0.0 or dampening != 0.0 or nesterov:
+            raise ValueError(f"FusedTrainer: momentum, dampening and nesterov are SGD options, not {optimizer}'s")
+        if self._params[0].device.type != "cpu":
+            raise ValueError(f"FusedTrainer: optimizer={optimizer!r} runs on the CPU only")
+        self._check_adam(betas, eps)
+        self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
+        return (1e-2 if optimizer == "adamw" else 0.0) if weight_decay is None else weight_decay  # torch's defaults
+
+    @staticmethod
+    def _check_adam(betas, eps):
+        # torch.optim.Adam's checks and messages.
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+
+    def _adam_step(self, x: Tensor, labels: Tensor) -> Tuple[Tensor, int]:
+        ws = self._workspace(x)
+        loss, correct = _train_step_sgd(x, labels, self._params, [], ws, 0.0, 0.0, 0.0, 0.0, False, False,
+                                        self.ignore_index, self.label_smoothing)
+        grads = ws[len(ws) - len(self._params):]  # the parameters' gradients (layout: csrc/checks.h)
+        state = self._adam
+        if state is None:
+            with torch.inference_mode(False):
+                state = {"step": 0, "exp_avgs": [torch.zeros_like(p) for p in self._params],
+                         "exp_avg_sqs": [torch.zeros_like(p) for p in self._params]}
+        elif any(m.dtype != p.dtype or m.device != p.device for m, p in zip(state["exp_avgs"], self._params)):
+            state = {"step": state["step"], **{k: [t.to(p) for t, p in zip(state[k], self._params)]
+                                               for k in ("exp_avgs", "exp_avg_sqs")}}
+        _adam_update(self._params, grads, state["exp_avgs"], state["exp_avg_sqs"], state["step"] + 1, self.lr,
+               self.betas[0], self.betas[1], self.eps, self.weight_decay, self.optimizer == "adamw")
+        state["step"] += 1
+        self._adam = state
+        return loss, int(correct)
+
+    def _adam_group(self) -> Dict[str, Any]:
+        return {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay,
+                "amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
+                "fused": None, "decoupled_weight_decay": self.optimizer == "adamw",
+                "params": list(range(len(self._params)))}
+
+    def _adam_state_dict(self) -> Dict[str, Any]:
+        state = {}
+        if self._adam is not None:
+            step = torch.tensor(float(self._adam["step"]))
+            for k in range(len(self._params)):
+                state[self._model_index[k]] = {"step": step.clone(), "exp_avg": self._adam["exp_avgs"][k],
+                                               "exp_avg_sq": self._adam["exp_avg_sqs"][k]}
+        return {"state": state, "param_groups": [self._adam_group()]}
+
+    def _load_adam_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        groups = state_dict["param_groups"]
+        if len(groups) != 1:
+            raise ValueError(f"FusedTrainer.load_state_dict: expected one parameter group, got {len(groups)}")
+        group = groups[0]
+        ids = list(group["params"])
+        if len(ids) != len(self._params):
+            raise ValueError(f"FusedTrainer.load_state_dict: the state has {len(ids)} parameters, the model "
+                             f"{len(self._params)}")
+        if "betas" not in group:
+            raise ValueError(f"FusedTrainer.load_state_dict: optimizer={self.optimizer!r} needs an Adam state_dict")
+        for option in ("amsgrad", "maximize"):
+            if group.get(option, False):
+                raise ValueError(f"FusedTrainer.load_state_dict: {option}=True is not supported")
+        if bool(group.get("decoupled_weight_decay", False)) != (self.optimizer == "adamw"):
+            raise ValueError(f"FusedTrainer.load_state_dict: the state is not {self.optimizer}'s "
+                             "(decoupled_weight_decay differs)")
+        lr, betas, eps, weight_decay = (group.get(k, d) for k, d in
+                                        (("lr", 1e-3), ("betas", (0.9, 0.999)), ("eps", 1e-8), ("weight_decay", 0.0)))
+        lr, eps, weight_decay = (float(v) for v in (lr, eps, weight_decay))
+        betas = tuple(float(b) for b in betas)
+        self._check_hyper(lr, 0.0, 0.0, weight_decay, False)
+        self._check_adam(betas, eps)
+        saved = state_dict["state"]
+        entries = [saved.get(ids[self._model_index[k]]) for k in range(len(self._params))]
+        if any(e is not None for e in entries) and not all(e is not None for e in entries):
+            raise ValueError("FusedTrainer.load_state_dict: Adam state for only some of the parameters")
+        adam = None
+        if entries and entries[0] is not None:
+            steps = {float(e["step"]) for e in entries}
+            if len(steps) != 1:
+                raise ValueError(f"FusedTrainer.load_state_dict: the parameters are at different steps {sorted(steps)}")
+            adam = {"step": int(steps.pop())}
+            for key, name in (("exp_avgs", "exp_avg"), ("exp_avg_sqs", "exp_avg_sq")):
+                tensors = []
+                for e, p in zip(entries, self._params):
+                    t = e[name]
+                    if t.shape != p.shape:
+                        raise ValueError(f"FusedTrainer.load_state_dict: {name} of shape {tuple(t.shape)} for a "
+                                         f"parameter of shape {tuple(p.shape)}")
+                    tensors.append(t.detach().to(dtype=p.dtype, device=p.device, copy=True).contiguous())
+                adam[key] = tensors
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self._adam = adam

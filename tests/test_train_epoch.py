@@ -1,0 +1,317 @@
+"""FusedTrainer.fit_epoch and the train_epoch_sgd op: the step loop's training, bit for bit, in a few calls."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.library import opcheck
+
+from mnist_fast import data as mnist_data
+from mnist_fast import train
+from mnist_fast.trainer import FusedTrainer
+
+from conftest import TOL
+
+SIZES = (784, 32, 16, 10)
+CONFIGS = [
+    dict(lr=0.05),
+    dict(lr=0.05, momentum=0.9),
+    dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=1e-3),
+    dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
+]
+
+
+def mlp(sizes=SIZES, dtype=torch.float32, device="cpu", seed=0):
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i + 2 < len(sizes):
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers).to(device, dtype)
+
+
+def dataset(n, dtype=torch.float32, device="cpu", classes=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 1, 28, 28, generator=g, dtype=dtype).to(device),
+            torch.randint(0, classes, (n,), generator=g).to(device))
+
+
+def step_loop(trainer, images, labels, batch_size, order, lrs=None):
+    """The reference: the documented loop of trainer.step calls."""
+    losses, correct = [], []
+    for s, start in enumerate(range(0, len(order), batch_size)):
+        index = order[start:start + batch_size].to(images.device)
+        if lrs is not None:
+            trainer.lr = float(lrs[s])
+        loss, c = trainer.step(images.index_select(0, index), labels.index_select(0, index))
+        losses.append(loss)
+        correct.append(c)
+    return torch.stack(losses), torch.tensor(correct)
+
+
+def assert_equal_state(a, b, trainer_a=None, trainer_b=None):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), f"{name} differs by {(p - q).abs().max().item()}"
+    if trainer_a is not None:
+        sa, sb = trainer_a.state_dict()["state"], trainer_b.state_dict()["state"]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k]["momentum_buffer"], sb[k]["momentum_buffer"]), f"momentum buffer {k}"
+
+
+def seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- the same run as the step loop ----
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fit_epoch_is_the_step_loop_bit_for_bit(config, dtype):
+    images, labels = dataset(300, dtype)  # 4 batches of 64 and a last one of 44
+    ref, model = mlp(dtype=dtype), mlp(dtype=dtype)
+    loop_trainer, trainer = FusedTrainer(ref, **config), FusedTrainer(model, **config)
+    for epoch in range(2):  # the second epoch starts from momentum buffers
+        ref_losses, ref_correct = step_loop(loop_trainer, images, labels, 64, torch.randperm(300, generator=seeded(epoch)))
+        losses, correct = trainer.fit_epoch(images, labels, 64, seeded(epoch))
+        assert torch.equal(losses, ref_losses)
+        assert torch.equal(correct, ref_correct)
+        assert losses.dtype == dtype and correct.dtype == torch.int64 and losses.shape == (5,)
+        assert_equal_state(model, ref, trainer, loop_trainer)
+
+
+def test_fit_epoch_matches_stock_sgd():
+    # Not only self-consistent: the same training as model + CrossEntropyLoss + torch.optim.SGD.
+    images, labels = dataset(200, torch.float64)
+    ref, model = mlp(dtype=torch.float64), mlp(dtype=torch.float64)
+    config = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
+    opt = torch.optim.SGD(ref.parameters(), **config)
+    order = torch.randperm(200, generator=seeded(3))
+    ref_losses = []
+    for start in range(0, 200, 32):
+        index = order[start:start + 32]
+        loss = nn.functional.cross_entropy(ref(images[index].flatten(1)), labels[index])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ref_losses.append(loss.detach())
+    losses, _ = FusedTrainer(model, **config).fit_epoch(images, labels, 32, seeded(3))
+    torch.testing.assert_close(losses, torch.stack(ref_losses), **TOL[torch.float64])
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 100])
+def test_chunks_change_nothing_and_report_progress(chunk):
+    images, labels = dataset(300)
+    ref, model = mlp(), mlp()
+    config = dict(lr=0.05, momentum=0.9)
+    ref_losses, ref_correct = FusedTrainer(ref, **config).fit_epoch(images, labels, 64, seeded(0))
+    trainer = FusedTrainer(model, **config)
+    calls = []
+    losses, correct = trainer.fit_epoch(images, labels, 64, seeded(0), chunk=chunk,
+                                        on_chunk=lambda n, l, c: calls.append((n, l.shape[0], c.sum().item())))
+    assert torch.equal(losses, ref_losses) and torch.equal(correct, ref_correct)
+    assert_equal_state(model, ref)
+    assert sum(n for n, _, _ in calls) == 300
+    assert [s for _, s, _ in calls] == [min(chunk, 5 - i) for i in range(0, 5, chunk)]
+    assert sum(c for _, _, c in calls) == correct.sum().item()
+
+
+def test_lr_schedule_is_one_learning_rate_per_step():
+    images, labels = dataset(300)
+    ref, model = mlp(), mlp()
+    lrs = [0.1, 0.05, 0.0, 0.02, 0.01]
+    loop_trainer, trainer = FusedTrainer(ref, lr=0.3, momentum=0.9), FusedTrainer(model, lr=0.3, momentum=0.9)
+    step_loop(loop_trainer, images, labels, 64, torch.randperm(300, generator=seeded(0)), lrs)
+    trainer.fit_epoch(images, labels, 64, seeded(0), lr_schedule=torch.tensor(lrs), chunk=2)
+    assert_equal_state(model, ref, trainer, loop_trainer)
+    assert trainer.lr == 0.3  # the schedule is for this epoch only
+
+
+def test_given_order_ignore_index_label_smoothing_and_uint8_labels():
+    images, labels = dataset(130)
+    labels[::7] = -100
+    ref, model = mlp(), mlp()
+    config = dict(lr=0.05, momentum=0.9, label_smoothing=0.1, ignore_index=-100)
+    order = torch.cat([torch.arange(129, -1, -1), torch.arange(0, 130, 3)])  # any index sequence, repeats too
+    ref_out = step_loop(FusedTrainer(ref, **config), images, labels, 32, order)
+    out = FusedTrainer(model, **config).fit_epoch(images, labels, 32, order=order)
+    assert torch.equal(out[0], ref_out[0]) and torch.equal(out[1], ref_out[1])
+    assert_equal_state(model, ref)
+
+    clean = labels.clamp(min=0)
+    a, b = mlp(), mlp()
+    FusedTrainer(a, lr=0.1).fit_epoch(images, clean, 32, seeded(1))
+    FusedTrainer(b, lr=0.1).fit_epoch(images, clean.to(torch.uint8), 32, seeded(1))
+    assert_equal_state(a, b)
+
+
+def test_resume_from_state_dict_is_bit_exact():
+    images, labels = dataset(256)
+    config = dict(lr=0.05, momentum=0.9, nesterov=True)
+    straight = mlp()
+    trainer = FusedTrainer(straight, **config)
+    for epoch in range(2):
+        trainer.fit_epoch(images, labels, 64, seeded(epoch))
+
+    first = mlp()
+    saved_trainer = FusedTrainer(first, **config)
+    saved_trainer.fit_epoch(images, labels, 64, seeded(0))
+    checkpoint = copy.deepcopy({"model": first.state_dict(), "optimizer": saved_trainer.state_dict()})
+    resumed = mlp(seed=5)  # other initial weights: everything must come from the checkpoint
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_trainer = FusedTrainer(resumed, lr=1.0)
+    resumed_trainer.load_state_dict(checkpoint["optimizer"])
+    resumed_trainer.fit_epoch(images, labels, 64, seeded(1))
+    assert_equal_state(resumed, straight, resumed_trainer, trainer)
+
+
+def test_step_and_fit_epoch_mix():
+    images, labels = dataset(192)
+    ref, model = mlp(), mlp()
+    loop_trainer, trainer = FusedTrainer(ref, lr=0.05, momentum=0.9), FusedTrainer(model, lr=0.05, momentum=0.9)
+    step_loop(loop_trainer, images, labels, 64, torch.arange(64))
+    step_loop(loop_trainer, images, labels, 64, torch.randperm(192, generator=seeded(2)))
+    trainer.step(images[:64], labels[:64])  # sets the momentum buffers: the epoch continues from them
+    trainer.fit_epoch(images, labels, 64, seeded(2))
+    assert_equal_state(model, ref, trainer, loop_trainer)
+
+
+def test_empty_epoch_changes_nothing():
+    images, labels = dataset(10)
+    model, before = mlp(), mlp()
+    trainer = FusedTrainer(model, lr=0.1, momentum=0.9)
+    losses, correct = trainer.fit_epoch(images, labels, 4, order=torch.empty(0, dtype=torch.int64))
+    assert losses.shape == (0,) and correct.shape == (0,)
+    assert_equal_state(model, before)
+    assert trainer.state_dict()["state"] == {}
+
+
+# ---- bad input: a clear exception, nothing trained ----
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(order=torch.tensor([0, 1, 40, 2])), IndexError, "index 40, out of range for 40 samples"),
+    (dict(order=torch.tensor([0, -1])), IndexError, "index -1"),
+    (dict(order=torch.zeros(2, 2, dtype=torch.int64)), ValueError, "1-D order"),
+    (dict(order=torch.tensor([0.0, 1.0])), TypeError, "int64 order"),
+    (dict(labels_at=(37, 10)), IndexError, r"Target 10 is out of bounds for 10 classes \(sample 37, step"),
+    (dict(labels_at=(5, -3)), IndexError, "Target -3"),
+    (dict(batch_size=0), ValueError, "batch_size must be a positive int"),
+    (dict(chunk=0), ValueError, "chunk must be a positive number"),
+    (dict(lr_schedule=[0.1, 0.1]), ValueError, "2 learning rates for 3 steps"),
+    (dict(lr_schedule=[0.1, -0.1, 0.1]), ValueError, "Invalid learning rate: -0.1"),
+    (dict(generator=torch.Generator(), order=torch.arange(40)), ValueError, "either an order or a generator"),
+    (dict(images=torch.randn(40, 784, dtype=torch.float64)), TypeError, "parameters' dtype and device"),
+    (dict(images=torch.randn(40)), ValueError, "images of shape"),
+    (dict(labels=torch.zeros(39, dtype=torch.int64)), ValueError, r"labels of shape \(40,\)"),
+    (dict(images=torch.randn(40, 700)), ValueError, "expects 784 input features"),
+])
+def test_bad_input_raises_before_any_update(change, error, match):
+    images, labels = dataset(40)
+    if "labels_at" in change:
+        labels = labels.clone()
+        i, v = change.pop("labels_at")
+        labels[i] = v
+    images, labels = change.pop("images", images), change.pop("labels", labels)
+    batch_size = change.pop("batch_size", 16)
+    if "order" not in change:
+        change.setdefault("generator", seeded(0))
+    model, before = mlp(), mlp()
+    trainer = FusedTrainer(model, lr=0.1, momentum=0.9)
+    with pytest.raises(error, match=match):
+        trainer.fit_epoch(images, labels, batch_size, chunk=change.pop("chunk", 1), **change)
+    assert_equal_state(model, before)
+    assert trainer._buffers is None  # no momentum state left behind
+
+
+def test_op_checks_its_own_arguments():
+    params = [p.detach() for p in mlp().parameters()]
+    images, labels = dataset(8)
+    x, order, lr = images.flatten(1), torch.arange(8), torch.full((2,), 0.1, dtype=torch.float64)
+    op = torch.ops.mnist_fast.train_epoch_sgd
+
+    def call(**kw):
+        args = dict(images=x, labels=labels, order=order, batch_size=4, lr=lr)
+        args.update(kw)
+        return op(args["images"], args["labels"], args["order"], args["batch_size"], args["lr"], params, [],
+                  0.0, 0.0, 0.0, False, False, -100, 0.0)
+
+    with pytest.raises(TypeError, match="float64 lr schedule"):
+        call(lr=lr.float())
+    with pytest.raises(ValueError, match=r"lr on the CPU of shape \(2,\)"):
+        call(lr=lr[:1])
+    with pytest.raises(TypeError, match="labels of dtype int64"):
+        call(labels=labels.int())
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        call(batch_size=0)
+    with pytest.raises(ValueError, match="Invalid learning rate"):  # the step's own checks still apply
+        call(lr=torch.tensor([0.1, -1.0], dtype=torch.float64))
+    losses, correct = call()
+    assert losses.shape == correct.shape == (2,)
+
+
+def test_opcheck():
+    params = [p.detach().double() for p in mlp((5, 6, 3)).parameters()]
+    x, y = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,))
+    lr = torch.full((3,), 0.1, dtype=torch.float64)
+    bufs = [torch.zeros_like(p) for p in params]
+    opcheck(torch.ops.mnist_fast.train_epoch_sgd.default,
+            (x, y, torch.randperm(9), 4, lr, params, bufs, 0.9, 0.0, 1e-3, True, False, -100, 0.1))
+    opcheck(torch.ops.mnist_fast.train_epoch_sgd.default,
+            (x, y, torch.arange(9), 4, lr, [p.requires_grad_() for p in params], [], 0.0, 0.0, 0.0, False, False,
+             -100, 0.0))
+
+
+# ---- devices ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fit_epoch_on_each_device(device, dtype):
+    images, labels = dataset(200, dtype, device)
+    ref, model = mlp(dtype=dtype, device=device), mlp(dtype=dtype, device=device)
+    config = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
+    loop_trainer, trainer = FusedTrainer(ref, **config), FusedTrainer(model, **config)
+    ref_losses, ref_correct = step_loop(loop_trainer, images, labels, 64, torch.randperm(200, generator=seeded(0)))
+    losses, correct = trainer.fit_epoch(images, labels, 64, seeded(0), chunk=2)
+    assert losses.device == images.device
+    assert torch.equal(losses, ref_losses) and torch.equal(correct.cpu(), ref_correct)
+    assert_equal_state(model, ref, trainer, loop_trainer)
+    bad = labels.clone()
+    bad[150] = 10
+    with pytest.raises(IndexError, match="Target 10 is out of bounds"):
+        trainer.fit_epoch(images, bad, 64, seeded(0))
+    with pytest.raises(IndexError, match="out of range for 200 samples"):
+        trainer.fit_epoch(images, labels, 64, order=torch.tensor([3, 200]))
+
+
+# ---- the training CLI ----
+
+def test_cli_epoch_of_fused_step_is_the_step_loop(monkeypatch):
+    images, labels = dataset(300)
+    batches = mnist_data.Batches(mnist_data.Split(images, labels), 64, seed=4)
+    batches.set_epoch(2)
+    ref, model = mlp(), mlp()
+    loop_trainer, trainer = FusedTrainer(ref, lr=0.05, momentum=0.9), FusedTrainer(model, lr=0.05, momentum=0.9)
+    ref_sum = torch.zeros((), dtype=torch.float64)
+    for x, y in batches:  # the loop _train_epoch runs for the other optimizers
+        ref_sum += loop_trainer.step(x, y)[0].double() * y.shape[0]
+
+    class Progress:
+        samples = 0
+
+        def update(self, n):
+            self.samples += n
+
+        def set_postfix(self, **kwargs):
+            pass
+
+    progress = Progress()
+    calls = []
+    fit_epoch = FusedTrainer.fit_epoch
+    monkeypatch.setattr(FusedTrainer, "fit_epoch", lambda *a, **k: calls.append(1) or fit_epoch(*a, **k))
+    loss_sum, seen = train._train_epoch(model, None, trainer, batches, torch.device("cpu"), progress)
+    assert calls, "the fused-step epoch did not go through fit_epoch"
+    assert seen == progress.samples == 300
+    torch.testing.assert_close(loss_sum, ref_sum, rtol=1e-12, atol=0)
+    assert_equal_state(model, ref, trainer, loop_trainer)
