@@ -419,7 +419,7 @@ class FusedTrainer:
             state = {"step": state["step"], **{k: [t.to(p) for t, p in zip(state[k], self._params)]
                                                for k in ("exp_avgs", "exp_avg_sqs")}}
         _adam_update(self._params, grads, state["exp_avgs"], state["exp_avg_sqs"], state["step"] + 1, self.lr,
-               self.betas[0], self.betas[1], self.eps, self.weight_decay, self.optimizer == "adamw")
+                     self.betas[0], self.betas[1], self.eps, self.weight_decay, self.optimizer == "adamw")
         state["step"] += 1
         self._adam = state
         return loss, int(correct)
