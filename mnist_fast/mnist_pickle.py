@@ -17,7 +17,7 @@ import os
 import pickle
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 

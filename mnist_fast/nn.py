@@ -13,7 +13,6 @@ import collections
 import copy
 import warnings
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_fast import data, train
+from mnist_fast import data
 from mnist_fast.checkpoint import load_checkpoint
 from mnist_fast.recipe import build_model
 
