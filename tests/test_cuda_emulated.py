@@ -90,7 +90,24 @@ def emulated_source(cu_text, name):
     TORCH_LIBRARY_IMPL block as a function emu_register_<name> that registers the kernels with pybind11."""
     text = "\n".join(line for line in cu_text.split("\n") if not line.startswith("#include"))
     text = text.replace("TORCH_LIBRARY_IMPL(mnist_fast, CUDA, m)", f"void emu_register_{name}(pybind11::module_& m)")
-    text = re.sub(r'm\.impl\("(\w+)", TORCH_FN\(([\w<>:]+)\)\)', r'm.def("\1", &\2)', text)
+    if re.search(r"TORCH_FN\(\w+<", text):  # a template impl taking TensorList: pybind11 wants a std::vector
+        text = EMU_ADAPT + re.sub(r'm\.impl\("(\w+)", TORCH_FN\(([\w<>:]+)\)\)', r'm.def("\1", emu_adapt<&\2>(&\2))',
+                                  text)
+    else:
+        text = re.sub(r'm\.impl\("(\w+)", TORCH_FN\(([\w<>:]+)\)\)', r'm.def("\1", &\2)', text)
+    return _launches_rewritten(text)
+
+
+# Each kernel of a file with TensorList arguments is def'ed through this.
+EMU_ADAPT = """\
+template <typename T> struct emu_arg { using type = T; };
+template <> struct emu_arg<at::TensorList> { using type = std::vector<at::Tensor>; };
+template <auto F, typename R, typename... A>
+auto emu_adapt(R (*)(A...)) { return [](typename emu_arg<A>::type... a) { return F(a...); }; }
+"""
+
+
+def _launches_rewritten(text):
     out, pos = [], 0
     while (start := text.find("<<<", pos)) >= 0:
         # The kernel expression before <<<: an identifier with template arguments.
