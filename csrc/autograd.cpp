@@ -4,13 +4,22 @@
 // Each forward saves only what its backward op needs: the ReLU output (not the pre-activation) and
 // the per-row logsumexp (not the log-softmax). The backward ops are registered ops of their own, so
 // torch.compile sees only registered ops.
+//
+// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is handled here too: a C++ autograd
+// Function has no jvp, and the no-graph fast path would drop a tangent silently.
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/threshold_backward.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
 #include "ops.h"
+#include "row_math.h"
 
 namespace mnist_fast {
 namespace {
@@ -81,18 +90,67 @@ bool records_graph(const Tensors&... tensors) {
   return at::GradMode::is_enabled() && (... || (tensors.defined() && tensors.requires_grad()));
 }
 
+// ---- forward-mode AD ----
+// A forward op given tangents computes its result from the primals (through the reverse-mode
+// path, so both modes work at once), then the output's tangent with ATen ops, and attaches it, as
+// PyTorch's generated autograd kernels do. C++ forward AD has one level, 0: functorch nests its
+// transforms through wrappers, and each level reaches this kernel with its tangents at level 0.
+constexpr int64_t kForwardLevel = 0;
+
+at::Tensor tangent_of(const at::Tensor& t) {
+  return t.defined() ? t._fw_grad(kForwardLevel) : at::Tensor();
+}
+
+template <typename... Tensors>
+bool has_tangent(const Tensors&... tensors) {
+  return (... || tangent_of(tensors).defined());
+}
+
+// t without its tangent: a view that keeps t's reverse-mode history.
+at::Tensor primal_of(const at::Tensor& t) {
+  return tangent_of(t).defined() ? t._fw_primal(kForwardLevel) : t;
+}
+
+std::optional<at::Tensor> optional_of(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
 // The backward ops have no derivative of their own. Called with inputs that require grad while
-// grad mode is on (backward(create_graph=True), gradgradcheck) they raise instead of returning a
-// result whose gradient would silently be wrong.
+// grad mode is on (backward(create_graph=True), gradgradcheck) or that carry tangents
+// (forward-over-reverse) they raise instead of returning a result whose derivative would
+// silently be wrong.
 template <typename... Tensors>
 void forbid_double_backward(const char* op, const Tensors&... tensors) {
   TORCH_CHECK(!records_graph(tensors...), "mnist_fast: double backward of ", op,
               " is not supported (backward was called with create_graph=True); use stock "
               "torch.nn.functional for higher-order gradients");
+  TORCH_CHECK(!has_tangent(tensors...), "mnist_fast: forward-mode AD through the backward of ", op,
+              " (forward-over-reverse, as in torch.func.hessian or jacfwd(jacrev(f))) is not supported; use "
+              "stock torch.nn.functional for higher-order derivatives");
+}
+
+at::Tensor linear_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias);
+
+// relu(x W^T + b) has the tangent dx W^T + x dW^T + db where the output is positive, 0 elsewhere
+// (torch.relu's mask, threshold_backward).
+at::Tensor linear_relu_forward_ad(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias) {
+  const auto x = primal_of(input), w = primal_of(weight), b = primal_of(bias);
+  auto output = linear_relu_autograd(x, w, optional_of(b));
+  at::Tensor pre;
+  const auto add = [&pre](const at::Tensor& term) { pre = pre.defined() ? pre + term : term; };
+  if (const auto dx = tangent_of(input); dx.defined()) add(at::matmul(dx, w.t()));
+  if (const auto dw = tangent_of(weight); dw.defined()) add(at::matmul(x, dw.t()));
+  if (const auto db = tangent_of(bias); db.defined()) add(db.expand(output.sizes()));
+  output._set_fw_grad(at::threshold_backward(pre, output, 0), kForwardLevel, /*is_inplace_op=*/false);
+  return output;
 }
 
 at::Tensor linear_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias) {
+  if (has_tangent(input, weight, bias.value_or(at::Tensor()))) {
+    return linear_relu_forward_ad(input, weight, bias.value_or(at::Tensor()));
+  }
   if (!records_graph(input, weight, bias.value_or(at::Tensor()))) {  // evaluation: no node to build
     at::AutoDispatchBelowADInplaceOrView guard;
     return linear_relu(input, weight, bias);
@@ -103,7 +161,55 @@ at::Tensor linear_relu_autograd(const at::Tensor& input, const at::Tensor& weigh
 std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_autograd(const at::Tensor& input, const at::Tensor& target,
                                                                   const std::optional<at::Tensor>& weight,
                                                                   int64_t reduction, int64_t ignore_index,
+                                                                  double label_smoothing);
+
+// The loss is a sum of per-row terms (or, for reduction 'none', one per row), so its tangent is
+// the gradient contracted with the tangents: sum_c dloss/dx[i, c] dx[i, c] (and the same for
+// probability targets), the gradient being the backward op's with an incoming grad of ones.
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_ad(const at::Tensor& input, const at::Tensor& target,
+                                                            const std::optional<at::Tensor>& weight,
+                                                            int64_t reduction, int64_t ignore_index,
+                                                            double label_smoothing) {
+  TORCH_CHECK(!has_tangent(weight.value_or(at::Tensor())),
+              "mnist_fast.cross_entropy: forward-mode AD with respect to weight is not implemented");
+  const auto x = primal_of(input), t = primal_of(target);
+  const auto dx = tangent_of(input), dt = tangent_of(target);
+  auto [loss, lse] = cross_entropy_forward_autograd(x, t, weight, reduction, ignore_index, label_smoothing);
+  // From detached tensors: the backward op refuses to record a graph (and under torch.func a guard
+  // below autograd would not reach past the transform's own levels).
+  const auto detached = [](const at::Tensor& v) { return v.defined() ? v.detach() : v; };
+  auto [grad_x, grad_t] = cross_entropy_backward(at::ones_like(loss), x.detach(), detached(t),
+                                                 optional_of(detached(weight.value_or(at::Tensor()))), lse.detach(),
+                                                 reduction, ignore_index, label_smoothing, {dx.defined(), dt.defined()});
+  // That gradient has no derivative (double backward is not supported): differentiating the
+  // tangent in reverse mode with respect to input or target (reverse-over-forward) must raise.
+  if (records_graph(x, t)) {
+    const auto node = c10::make_intrusive<torch::autograd::Error>(
+        "mnist_fast: the reverse-mode derivative of cross_entropy's forward-mode tangent (reverse-over-forward) "
+        "is not supported; use stock torch.nn.functional for higher-order derivatives",
+        torch::autograd::collect_next_edges(x, t));
+    for (auto* g : {&grad_x, &grad_t}) {
+      if (g->defined()) torch::autograd::set_history(*g, node);
+    }
+  }
+  at::Tensor tangent;
+  for (const auto& [grad, dir] : {std::pair(grad_x, dx), std::pair(grad_t, dt)}) {
+    if (!dir.defined()) continue;
+    const auto product = grad * dir;
+    const auto term = reduction == row_math::kNone ? product.sum(1) : product.sum();
+    tangent = tangent.defined() ? tangent + term : term;
+  }
+  loss._set_fw_grad(tangent, kForwardLevel, /*is_inplace_op=*/false);
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_autograd(const at::Tensor& input, const at::Tensor& target,
+                                                                  const std::optional<at::Tensor>& weight,
+                                                                  int64_t reduction, int64_t ignore_index,
                                                                   double label_smoothing) {
+  if (has_tangent(input, target, weight.value_or(at::Tensor()))) {
+    return cross_entropy_forward_ad(input, target, weight, reduction, ignore_index, label_smoothing);
+  }
   if (!records_graph(input, target, weight.value_or(at::Tensor()))) {  // evaluation: no node to build
     at::AutoDispatchBelowADInplaceOrView guard;
     return cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing);
@@ -142,6 +248,12 @@ std::tuple<at::Tensor, at::Tensor> train_step_sgd_autograd(const at::Tensor& inp
                                                            double dampening, double weight_decay, bool nesterov,
                                                            bool first_step, int64_t ignore_index,
                                                            double label_smoothing) {
+  bool tangents = has_tangent(input, target);
+  for (auto list : {params, momentum_buffers, workspace}) {
+    for (const auto& t : list) tangents = tangents || has_tangent(t);
+  }
+  TORCH_CHECK(!tangents, "mnist_fast.train_step_sgd: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) "
+              "is not supported: an optimizer step has no derivative");
   std::tuple<at::Tensor, at::Tensor> out;
   {
     at::AutoDispatchBelowADInplaceOrView guard;

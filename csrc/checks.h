@@ -113,6 +113,11 @@ inline TargetKind check_cross_entropy_args(const at::Tensor& input, const at::Te
   return TargetKind::ClassIndex;
 }
 
+// Class-index targets as the kernels read them: contiguous int64 (uint8 targets are widened).
+inline at::Tensor index_targets(const at::Tensor& target) {
+  return target.scalar_type() == at::kLong ? target.contiguous() : target.to(at::kLong).contiguous();
+}
+
 // dtype of the saved per-row logsumexp: float64 whatever the input, so that x - lse keeps its
 // digits for large logits (see row_math.h). It costs 8 bytes a row.
 inline at::ScalarType logsumexp_dtype(at::ScalarType) {
@@ -160,6 +165,24 @@ inline std::vector<std::vector<int64_t>> train_step_workspace_shapes(int64_t row
   return shapes;
 }
 
+// The tensors of one step by role: params and the workspace in the layout above.
+struct TrainStepTensors {
+  at::Tensor input;  // (N, in_0), contiguous
+  at::TensorList params;
+  at::TensorList workspace;
+
+  int64_t layers() const { return static_cast<int64_t>(params.size() / 2); }
+  at::Tensor weight(int64_t l) const { return params[2 * l]; }
+  at::Tensor bias(int64_t l) const { return params[2 * l + 1]; }
+  // The output of layer l (the last one: the logits, then their grad) and the input of layer l.
+  at::Tensor output(int64_t l) const { return workspace[l]; }
+  at::Tensor layer_input(int64_t l) const { return l == 0 ? input : output(l - 1); }
+  // The grad of hidden layer l's output, masked in place by its ReLU.
+  at::Tensor output_grad(int64_t l) const { return workspace[layers() + l]; }
+  // The grad of params[k].
+  at::Tensor param_grad(int64_t k) const { return workspace[2 * layers() - 1 + k]; }
+};
+
 // Checks the layer chain of params against the input width; every parameter must be a contiguous
 // float32/float64 tensor with input's dtype and device (they are updated in place).
 inline void check_train_step_params(const at::Tensor& input, at::TensorList params, const char* op) {
@@ -189,6 +212,16 @@ inline void check_train_step_params(const at::Tensor& input, at::TensorList para
   }
 }
 
+// torch.optim.SGD's checks, with its messages (FusedTrainer checks its options here too).
+inline void check_sgd_options(double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+                              const char* op) {
+  TORCH_CHECK_VALUE(lr >= 0.0, op, ": Invalid learning rate: ", lr);
+  TORCH_CHECK_VALUE(momentum >= 0.0, op, ": Invalid momentum value: ", momentum);
+  TORCH_CHECK_VALUE(weight_decay >= 0.0, op, ": Invalid weight_decay value: ", weight_decay);
+  TORCH_CHECK_VALUE(!nesterov || (momentum > 0.0 && dampening == 0.0), op,
+                    ": Nesterov momentum requires a momentum and zero dampening");
+}
+
 inline void check_train_step_args(const at::Tensor& input, const at::Tensor& target, at::TensorList params,
                                   at::TensorList momentum_buffers, at::TensorList workspace, double lr,
                                   double momentum, double dampening, double weight_decay, bool nesterov,
@@ -201,12 +234,7 @@ inline void check_train_step_args(const at::Tensor& input, const at::Tensor& tar
                    target.scalar_type());
   TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == input.size(0), op, ": expected target of shape (",
                     input.size(0), ",) (one class index per input row), got shape ", target.sizes());
-  // The same messages as torch.optim.SGD.
-  TORCH_CHECK_VALUE(lr >= 0.0, op, ": Invalid learning rate: ", lr);
-  TORCH_CHECK_VALUE(momentum >= 0.0, op, ": Invalid momentum value: ", momentum);
-  TORCH_CHECK_VALUE(weight_decay >= 0.0, op, ": Invalid weight_decay value: ", weight_decay);
-  TORCH_CHECK_VALUE(!nesterov || (momentum > 0.0 && dampening == 0.0), op,
-                    ": Nesterov momentum requires a momentum and zero dampening");
+    check_sgd_options(lr, momentum, dampening, weight_decay, nesterov, op);
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
                     ": label_smoothing must be between 0.0 and 1.0, got ", label_smoothing);
   if (momentum == 0.0) {

@@ -1,17 +1,24 @@
 // The Python module mnist_fast._C. Importing it registers the ops (registration.cpp and the
 // kernel files); the functions below are the eager fast path: a pybind11 call into the same
 // dispatcher ops costs less than going through torch.ops (see mnist_fast/functional.py).
+//
+// Each op releases the GIL while it runs, as torch's own bindings do, so other Python threads
+// (data loading, a progress thread) keep running. pybind11 converts the arguments before the guard
+// and the result after it, with the GIL held; the op itself touches no Python object (a Python
+// kernel or hook it reaches, such as a fake kernel or a saved-tensor hook, takes the GIL itself).
 #include <torch/extension.h>
 
+#include "checks.h"
 #include "ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using without_gil = py::call_guard<py::gil_scoped_release>;
   m.doc() = "mnist_fast compiled operators (fused Linear+ReLU and log-softmax+NLL)";
   m.def("linear_relu", &mnist_fast::linear_relu, "relu(input @ weight.T + bias)", py::arg("input"),
-        py::arg("weight"), py::arg("bias") = py::none());
+        py::arg("weight"), py::arg("bias") = py::none(), without_gil());
   m.def("cross_entropy", &mnist_fast::cross_entropy, "fused log-softmax + NLL of an (N, C) input",
         py::arg("input"), py::arg("target"), py::arg("weight"), py::arg("reduction"), py::arg("ignore_index"),
-        py::arg("label_smoothing"));
+        py::arg("label_smoothing"), without_gil());
   m.def("train_step_sgd",
         [](const at::Tensor& input, const at::Tensor& target, const std::vector<at::Tensor>& params,
            const std::vector<at::Tensor>& momentum_buffers, const std::vector<at::Tensor>& workspace, double lr,
@@ -24,7 +31,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "one SGD step of an MLP (forward, mean cross-entropy, backward, update) in place; returns (loss, correct)",
         py::arg("input"), py::arg("target"), py::arg("params"), py::arg("momentum_buffers"), py::arg("workspace"),
         py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
-        py::arg("first_step"), py::arg("ignore_index"), py::arg("label_smoothing"));
+        py::arg("first_step"), py::arg("ignore_index"), py::arg("label_smoothing"), without_gil());
+  m.def("check_sgd_options",
+        [](double lr, double momentum, double dampening, double weight_decay, bool nesterov) {
+          mnist_fast::check_sgd_options(lr, momentum, dampening, weight_decay, nesterov, "mnist_fast.FusedTrainer");
+        },
+        "torch.optim.SGD's checks of its options (ValueError), those train_step_sgd makes", py::arg("lr"),
+        py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"));
   m.def("cuda_compiled", []() {
 #ifdef MNIST_FAST_WITH_CUDA
     return true;

@@ -23,7 +23,8 @@ class MNISTNet(nn.Module):
         self.output = nn.Linear(sizes[-1], classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.output(self.hidden(x.reshape(x.shape[0], -1)))
+        # flatten(1), not reshape(N, -1): -1 cannot be inferred from an empty batch.
+        return self.output(self.hidden(x.flatten(1)))
 
 
 def stock_mlp(sizes=LESSON_SIZES, *, log_softmax: bool = False) -> nn.Sequential:

@@ -156,15 +156,8 @@ class FusedTrainer(AdamSteps):
 
     @staticmethod
     def _check_hyper(lr, momentum, dampening, weight_decay, nesterov):
-        # torch.optim.SGD's checks and messages.
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        # torch.optim.SGD's checks and messages, the very ones of the train_step_sgd op (csrc/checks.h).
+        _C.check_sgd_options(lr, momentum, dampening, weight_decay, nesterov)
 
     def _workspace(self, x: Tensor) -> List[Tensor]:
         key = (x.shape[0], x.dtype, x.device)

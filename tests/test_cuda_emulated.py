@@ -28,6 +28,7 @@ EMU_HEADER = ROOT / "tests" / "cuda_emu" / "emu_cuda.h"
 BUILD = ROOT / "build" / "cuda_emu"
 OPS = torch.ops.mnist_fast
 
+# One translation unit per .cu file, as in the real build; the train step calls into the other two.
 WRAPPER = """\
 #include <torch/extension.h>
 #include <ATen/Dispatch.h>
@@ -35,20 +36,34 @@ WRAPPER = """\
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/nonzero.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/sum.h>
+#include <ATen/record_function.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/util/accumulate.h>
 #include <algorithm>
 #include <limits>
 #include <cmath>
 #include "{header}"
-#include "{checks}"
-#include "{linear_relu_impl}"
+{project_headers}
 #include "{source}"
+"""
+
+MODULE = """\
+#include <torch/extension.h>
+#include "{header}"
+namespace mnist_fast {{
+{declarations}
+}}
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {{
-  mnist_fast::emu_register(m);
+{registrations}
   m.def("asserts", [] {{ int n = emu::g_asserts; emu::g_asserts = 0; return n; }});
 }}
 """
+
+CU_FILES = ["linear_relu", "cross_entropy", "train_step"]
+PROJECT_HEADERS = ["checks.h", "linear_relu_impl.h", "train_step_impl.h", "cuda/kernels.cuh"]
 
 
 def _split_top_level(text):
@@ -64,12 +79,29 @@ def _split_top_level(text):
     return parts + [current.strip()]
 
 
-def emulated_source(cu_text):
+def emulated_source(cu_text, name):
     """A .cu file rewritten for the emulator: no includes (WRAPPER includes the project headers), launches as emu::launch, the
-    TORCH_LIBRARY_IMPL block as a function that registers the kernels with pybind11."""
+    TORCH_LIBRARY_IMPL block as a function emu_register_<name> that registers the kernels with pybind11."""
     text = "\n".join(line for line in cu_text.split("\n") if not line.startswith("#include"))
-    text = text.replace("TORCH_LIBRARY_IMPL(mnist_fast, CUDA, m)", "void emu_register(pybind11::module_& m)")
-    text = re.sub(r'm\.impl\("(\w+)", TORCH_FN\((\w+)\)\)', r'm.def("\1", &\2)', text)
+    text = text.replace("TORCH_LIBRARY_IMPL(mnist_fast, CUDA, m)", f"void emu_register_{name}(pybind11::module_& m)")
+    if re.search(r"TORCH_FN\(\w+<", text):  # a template impl taking TensorList: pybind11 wants a std::vector
+        text = EMU_ADAPT + re.sub(r'm\.impl\("(\w+)", TORCH_FN\(([\w<>:]+)\)\)', r'm.def("\1", emu_adapt<&\2>(&\2))',
+                                  text)
+    else:
+        text = re.sub(r'm\.impl\("(\w+)", TORCH_FN\(([\w<>:]+)\)\)', r'm.def("\1", &\2)', text)
+    return _launches_rewritten(text)
+
+
+# Each kernel of a file with TensorList arguments is def'ed through this.
+EMU_ADAPT = """\
+template <typename T> struct emu_arg { using type = T; };
+template <> struct emu_arg<at::TensorList> { using type = std::vector<at::Tensor>; };
+template <auto F, typename R, typename... A>
+auto emu_adapt(R (*)(A...)) { return [](typename emu_arg<A>::type... a) { return F(a...); }; }
+"""
+
+
+def _launches_rewritten(text):
     out, pos = [], 0
     while (start := text.find("<<<", pos)) >= 0:
         # The kernel expression before <<<: an identifier with template arguments.
@@ -101,28 +133,41 @@ def _write_if_changed(path, text):
         path.write_text(text)
 
 
-def _build(name):
+def _build():
     from torch.utils.cpp_extension import load
 
-    directory = BUILD / name
+    directory = BUILD / "all"
     directory.mkdir(parents=True, exist_ok=True)
-    source = directory / f"{name}.inc"
-    _write_if_changed(source, emulated_source((ROOT / "csrc" / "cuda" / f"{name}.cu").read_text()))
-    wrapper = directory / f"{name}_emu.cpp"
-    _write_if_changed(wrapper, WRAPPER.format(header=EMU_HEADER, checks=ROOT / "csrc" / "checks.h",
-                                                  linear_relu_impl=ROOT / "csrc" / "linear_relu_impl.h", source=source))
-    return load(name=f"mnist_fast_emu_{name}", sources=[str(wrapper)], build_directory=str(directory),
+    headers = "\n".join(f'#include "{ROOT / "csrc" / h}"' for h in PROJECT_HEADERS)
+    sources = []
+    for name in CU_FILES:
+        source = directory / f"{name}.inc"
+        _write_if_changed(source, emulated_source((ROOT / "csrc" / "cuda" / f"{name}.cu").read_text(), name))
+        wrapper = directory / f"{name}_emu.cpp"
+        _write_if_changed(wrapper, WRAPPER.format(header=EMU_HEADER, project_headers=headers, source=source))
+        sources.append(str(wrapper))
+    module = directory / "module.cpp"
+    _write_if_changed(module, MODULE.format(
+        header=EMU_HEADER,
+        declarations="\n".join(f"void emu_register_{name}(pybind11::module_& m);" for name in CU_FILES),
+        registrations="\n".join(f"  mnist_fast::emu_register_{name}(m);" for name in CU_FILES)))
+    return load(name="mnist_fast_emu", sources=sources + [str(module)], build_directory=str(directory),
                 extra_cflags=["-O1", "-std=c++20"], verbose=False)
 
 
 @pytest.fixture(scope="module")
-def lr():
-    return _build("linear_relu")
+def emu():
+    return _build()
 
 
 @pytest.fixture(scope="module")
-def ce():
-    return _build("cross_entropy")
+def lr(emu):
+    return emu
+
+
+@pytest.fixture(scope="module")
+def ce(emu):
+    return emu
 
 
 @pytest.fixture(autouse=True)
@@ -236,3 +281,68 @@ def test_cross_entropy_emulated_bad_index_asserts(ce):
     x = torch.randn(2, 2000)  # a block per row
     ce.cross_entropy_forward(x, torch.tensor([0, 1 << 40]), None, 0, -100, 0.0)
     assert ce.asserts() > 0
+
+
+# ---- train_step_sgd ----
+
+def _step_case(emu, sizes, rows, dtype, sgd, steps=2, ignore_some=False, ignore_all=False, smoothing=0.0):
+    """Steps of the emulated CUDA kernel and of the CPU kernel from the same state: the same loss,
+    correct count, parameters, momentum buffers and workspace (activations and grads)."""
+    params = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        params += [torch.randn(b, a, dtype=dtype) * a ** -0.5, torch.randn(b, dtype=dtype) * 0.1]
+    x = torch.randn(rows, sizes[0], dtype=dtype)
+    t = torch.randint(0, sizes[-1], (rows,))
+    if ignore_some:
+        t[::3] = -100
+    if ignore_all:
+        t[:] = -100
+    lr_, momentum, dampening, weight_decay, nesterov = sgd
+    states = {}
+    for backend, op in (("emu", emu.train_step_sgd), ("cpu", OPS.train_step_sgd)):
+        p = [q.clone() for q in params]
+        buffers = [torch.zeros_like(q) for q in p] if momentum else []
+        ws = OPS.train_step_workspace(x, p)
+        results = []
+        for step in range(steps):
+            loss, correct = op(x, t, p, buffers, ws, lr_, momentum, dampening, weight_decay, nesterov, step == 0,
+                               -100, smoothing)
+            results.append((loss.clone(), int(correct)))
+        states[backend] = results, p, buffers, [w.clone() for w in ws]
+    what = f"sizes={sizes} rows={rows} {dtype} sgd={sgd} ignore={ignore_some or ignore_all} smoothing={smoothing}"
+    assert emu.asserts() == 0, what
+    (got, p_got, b_got, ws_got), (want, p_want, b_want, ws_want) = states["emu"], states["cpu"]
+    for (loss_got, correct_got), (loss_want, correct_want) in zip(got, want):
+        _close(loss_got, loss_want, dtype, "loss " + what)
+        assert correct_got == correct_want, what
+    for name, a_list, b_list in (("param", p_got, p_want), ("buffer", b_got, b_want), ("workspace", ws_got, ws_want)):
+        for i, (a, b) in enumerate(zip(a_list, b_list)):
+            _close(a, b, dtype, f"{name} {i} " + what)
+
+
+SGD_OPTIONS = [(0.1, 0.0, 0.0, 0.0, False), (0.1, 0.9, 0.0, 1e-2, False), (0.05, 0.9, 0.0, 0.0, True),
+               (0.05, 0.8, 0.3, 1e-3, False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_train_step_emulated(emu, dtype):
+    for sizes in [(20, 16, 8, 5), (12, 3), (7, 9, 10)]:
+        for sgd in SGD_OPTIONS:
+            _step_case(emu, sizes, 64, dtype, sgd)
+    for rows in (1, 0, 600):  # one row, none (a NaN mean, zero grads), several blocks (partials + finish)
+        _step_case(emu, (20, 16, 8, 5), rows, dtype, SGD_OPTIONS[1])
+    _step_case(emu, (20, 16, 5), 50, dtype, SGD_OPTIONS[1], ignore_some=True, smoothing=0.1)
+    _step_case(emu, (20, 16, 5), 10, dtype, SGD_OPTIONS[0], ignore_all=True)
+
+
+def test_train_step_emulated_bad_index_raises_before_writing(emu):
+    p = [torch.randn(4, 6), torch.randn(4), torch.randn(3, 4), torch.randn(3)]
+    before = [q.clone() for q in p]
+    x = torch.randn(5, 6)
+    ws = OPS.train_step_workspace(x, p)
+    for bad in (3, -1):
+        t = torch.tensor([0, 1, bad, 2, 0])
+        with pytest.raises(IndexError, match=rf"Target {bad} is out of bounds for 3 classes \(row 2\)"):
+            emu.train_step_sgd(x, t, p, [], ws, 0.1, 0.0, 0.0, 0.0, False, True, -100, 0.0)
+        for a, b in zip(p, before):
+            assert torch.equal(a, b)

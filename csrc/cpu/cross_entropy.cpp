@@ -63,10 +63,6 @@ struct ClassWeights {
   acc_t operator[](int64_t c) const { return values[c]; }
 };
 
-at::Tensor index_targets(const at::Tensor& target) {
-  return target.scalar_type() == at::kLong ? target.contiguous() : target.to(at::kLong).contiguous();
-}
-
 template <typename scalar_t>
 void forward_index(const at::Tensor& input, const at::Tensor& target_, const std::optional<at::Tensor>& weight,
                    int64_t reduction, int64_t ignore_index, double label_smoothing, at::Tensor& loss,

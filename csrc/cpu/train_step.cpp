@@ -1,26 +1,16 @@
 // One SGD training step of an MLP on the CPU, in one op: forward, cross-entropy, backward and the
-// torch.optim.SGD update, on workspaces the caller allocates once per batch size.
-//
-// For layers l = 0..L-1 (ReLU after every layer but the last), A_{-1} = input:
-//   forward    Z_l = A_{l-1} W_l^T (ATen GEMM), then bias+ReLU in place (linear_relu_kernels.h)
-//   loss       one pass per row of the logits: last bias, argmax, log-softmax+NLL (mean), and the
-//              logit grad written over the logits, with the last bias grad summed on the way
-//   backward   G_{l-1} = dZ_l W_l (GEMM, with the not yet updated W_l), grad W_l = dZ_l^T A_{l-1}
-//              (GEMM), then the ReLU mask of G_{l-1} in place with the bias grad in the same pass
-//   update     SGD of W_l and b_l as soon as their grads exist (every grad depends on the old
-//              parameters only, so this is the math of a stock step), one elementwise pass each
-// The per-element and per-row formulas are those of row_math.h, as in the single-op kernels.
+// torch.optim.SGD update, on workspaces the caller allocates once per batch size. The order of the
+// passes and the GEMMs are train_step_impl.h's, shared with CUDA; here are the CPU passes: the
+// Linear+ReLU ones of linear_relu_kernels.h, the loss pass and the SGD update. The per-element and
+// per-row formulas are those of row_math.h, as in the single-op kernels.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
-#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <vector>
 
-#include "../checks.h"
+#include "../train_step_impl.h"
 #include "cross_entropy_rows.h"
 #include "linear_relu_kernels.h"
 
@@ -137,82 +127,48 @@ void sgd_update(const at::Tensor& param, const at::Tensor& grad, const at::Tenso
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> train_step_sgd_cpu(const at::Tensor& input_, const at::Tensor& target_,
-                                                      at::TensorList params, at::TensorList momentum_buffers,
-                                                      at::TensorList workspace, double lr, double momentum,
-                                                      double dampening, double weight_decay, bool nesterov,
-                                                      bool first_step, int64_t ignore_index, double label_smoothing) {
-  check_train_step_args(input_, target_, params, momentum_buffers, workspace, lr, momentum, dampening, weight_decay,
-                        nesterov, label_smoothing);
-  const auto input = input_.contiguous();
-  const auto target = target_.contiguous();
-  const int64_t rows = input.size(0);
-  const int64_t layers = static_cast<int64_t>(params.size() / 2);
-  const int64_t classes = params[2 * layers - 2].size(0);
-  auto W = [&](int64_t l) -> const at::Tensor& { return params[2 * l]; };
-  auto B = [&](int64_t l) -> const at::Tensor& { return params[2 * l + 1]; };
-  auto Z = [&](int64_t l) -> at::Tensor { return workspace[l]; };                  // layer outputs
-  auto G = [&](int64_t l) -> at::Tensor { return workspace[layers + l]; };         // hidden output grads
-  auto GW = [&](int64_t l) -> at::Tensor { return workspace[2 * layers - 1 + 2 * l]; };
-  auto GB = [&](int64_t l) -> at::Tensor { return workspace[2 * layers + 2 * l]; };
-  auto A = [&](int64_t l) -> const at::Tensor& { return l < 0 ? input : workspace[l]; };
+// The CPU kernels of train_step_impl.h.
+struct CpuStepKernels {
+  static int64_t valid_rows(const at::Tensor& target, int64_t classes, int64_t ignore_index) {
+    return static_cast<int64_t>(cpu::index_target_weight_sum<double>(target.data_ptr<int64_t>(), target.numel(),
+                                                                      classes, nullptr, ignore_index, kOp));
+  }
 
-  at::Tensor loss = at::empty({}, input.options());
-  at::Tensor correct = at::empty({}, input.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "train_step_sgd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    // Every target is validated before anything is written.
-    const int64_t* y = target.data_ptr<int64_t>();
-    const acc_t weight_sum = cpu::index_target_weight_sum<acc_t>(y, rows, classes, nullptr, ignore_index, kOp);
+  static void bias_relu_inplace(at::Tensor& z, const at::Tensor& bias) {
+    cpu::bias_relu_inplace(z, bias);
+  }
 
-    // The phases are named for torch.profiler (free when it is off).
-    {
-      RECORD_FUNCTION("mnist_fast::train_step_sgd::forward", std::vector<c10::IValue>());
-      for (int64_t l = 0; l < layers; ++l) {
-        auto z = Z(l);
-        at::mm_out(z, A(l - 1), W(l).t());
-        if (l + 1 < layers) cpu::bias_relu_inplace(z, B(l));
-      }
-    }
-    {
-      RECORD_FUNCTION("mnist_fast::train_step_sgd::loss", std::vector<c10::IValue>());
-      auto logits = Z(layers - 1);
-      auto last_bias_grad = GB(layers - 1);
-      const auto [loss_value, hits] = loss_and_logit_grad<scalar_t>(logits, B(layers - 1), y, weight_sum,
-                                                                    ignore_index, label_smoothing, last_bias_grad);
+  static void loss_and_logit_grad(at::Tensor& logits, const at::Tensor& bias, const at::Tensor& target,
+                                  int64_t valid_rows, int64_t ignore_index, double label_smoothing,
+                                  at::Tensor& grad_bias, at::Tensor& loss, at::Tensor& correct) {
+    AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "train_step_sgd_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto [loss_value, hits] =
+          mnist_fast::loss_and_logit_grad<scalar_t>(logits, bias, target.data_ptr<int64_t>(), acc_t(valid_rows),
+                                                    ignore_index, label_smoothing, grad_bias);
       *loss.data_ptr<scalar_t>() = static_cast<scalar_t>(loss_value);
       *correct.data_ptr<int64_t>() = hits;
-    }
+    });
+  }
 
-    const SgdOptions<acc_t> opts(lr, momentum, dampening, weight_decay, nesterov, first_step);
-    const bool with_momentum = momentum != 0.0;
-    for (int64_t l = layers - 1; l >= 0; --l) {
-      const at::Tensor dz = l == layers - 1 ? Z(l) : G(l);  // d loss / d pre-activation of layer l
-      {
-        RECORD_FUNCTION("mnist_fast::train_step_sgd::backward", std::vector<c10::IValue>());
-        if (l > 0) {
-          auto g = G(l - 1);
-          at::mm_out(g, dz, W(l));
-          auto gb = GB(l - 1);
-          cpu::mask_grad(g, Z(l - 1), g, gb);
-        }
-        auto gw = GW(l);
-        at::mm_out(gw, dz.t(), A(l - 1));
-      }
-      RECORD_FUNCTION("mnist_fast::train_step_sgd::sgd_update", std::vector<c10::IValue>());
-      for (int64_t k = 2 * l; k <= 2 * l + 1; ++k) {
-        sgd_update<scalar_t>(params[k], workspace[2 * layers - 1 + k],
-                             with_momentum ? &momentum_buffers[k] : nullptr, opts);
-      }
-    }
-  });
-  return {loss, correct};
-}
+  static void mask_grad(const at::Tensor& grad_output, const at::Tensor& output, at::Tensor& grad_pre,
+                        at::Tensor& grad_bias) {
+    cpu::mask_grad(grad_output, output, grad_pre, grad_bias);
+  }
+
+  static void sgd_update(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& buffer, const SgdArgs& a) {
+    AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "train_step_sgd_cpu", [&] {
+      const SgdOptions<at::opmath_type<scalar_t>> o(a.lr, a.momentum, a.dampening, a.weight_decay, a.nesterov,
+                                                    a.first_step);
+      mnist_fast::sgd_update<scalar_t>(param, grad, buffer.defined() ? &buffer : nullptr, o);
+    });
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mnist_fast, CPU, m) {
-  m.impl("train_step_sgd", TORCH_FN(train_step_sgd_cpu));
+  m.impl("train_step_sgd", TORCH_FN(train_step_sgd_impl<CpuStepKernels>));
 }
 
 }  // namespace mnist_fast

@@ -12,6 +12,8 @@
 // batch 64) finishes the loss itself: one launch in all.
 //
 // An out-of-range class index is a device-side assert, as in stock nll_loss, and is never read.
+//
+// The training step's loss pass (TrainStepLoss, cuda::train_step_loss) is a row operation here too.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -26,11 +28,13 @@
 #include <limits>
 
 #include "../checks.h"
+#include "kernels.cuh"
 
 namespace mnist_fast {
 namespace {
 
 using namespace row_math;
+using cuda::ceil_div;
 
 constexpr int kWarpSize = 32;
 // Threads per block at most: 512 lets the compiler use up to 128 registers a thread, and still
@@ -349,6 +353,65 @@ struct ProbBackward : NoReduction {
   }
 };
 
+// The loss pass of the training step (kernels.cuh): one thread per row (lanes = 1), so the row
+// can be updated in place without synchronisation. Adds the last bias, counts a correct argmax,
+// and replaces the logits by the gradient of the mean loss over weight_sum rows; ignored rows get a
+// zero gradient and count neither way. Sums, in float64 (the count stays exact): nll, smoothing
+// term, correct rows.
+template <typename scalar_t>
+struct TrainStepLoss {
+  using acc_t = double;
+  using math_t = at::opmath_type<scalar_t>;
+  static constexpr int kSums = 3;
+  Logits<scalar_t> d;
+  scalar_t* logits;  // d.x, written
+  const scalar_t* bias;
+  const int64_t* target;
+  int64_t ignore_index;
+  math_t weight_sum;  // rows not ignored
+  scalar_t* loss;
+  int64_t* correct;
+
+  __host__ __device__ bool reduces() const { return true; }
+
+  template <typename Rows>
+  __device__ void row(const Rows& g, int64_t i, acc_t (&sums)[kSums]) const {
+    scalar_t* xr = logits + i * d.classes;
+    int64_t best = 0;
+    for (int64_t c = 0; c < d.classes; ++c) {
+      xr[c] = static_cast<scalar_t>(static_cast<math_t>(xr[c]) + static_cast<math_t>(bias[c]));
+      const scalar_t v = xr[c], m = xr[best];
+      if ((v > m) || (v != v && m == m)) best = c;  // torch.argmax: the first maximum, a NaN wins
+    }
+    const int64_t y = checked_target(target, i, d.classes, ignore_index);
+    if (y < 0) {
+      for (int64_t c = 0; c < d.classes; ++c) xr[c] = scalar_t(0);
+      return;
+    }
+    math_t row_max, sum_exp;
+    d.stats(g, xr, row_max, sum_exp);
+    const math_t log_sum = device_log(sum_exp);
+    sums[0] = neg_log_prob(static_cast<math_t>(xr[y]), row_max, log_sum);
+    if (d.opts.smoothing) {
+      math_t smooth = 0;
+      for (int64_t c = 0; c < d.classes; ++c) smooth += row_max - static_cast<math_t>(xr[c]);
+      sums[1] = smooth + math_t(d.classes) * log_sum;
+    }
+    sums[2] = best == y;
+    const auto scales = index_grad_scales(math_t(1), math_t(1), kMean, weight_sum, d.opts);
+    for (int64_t c = 0; c < d.classes; ++c) {
+      const math_t p = device_exp(-neg_log_prob(static_cast<math_t>(xr[c]), row_max, log_sum));
+      xr[c] = static_cast<scalar_t>(index_grad(p, c == y, math_t(1), math_t(d.classes), scales));
+    }
+  }
+
+  __device__ void finish(const acc_t (&totals)[kSums]) const {
+    *loss = static_cast<scalar_t>(index_reduced_loss(static_cast<math_t>(totals[0]), static_cast<math_t>(totals[1]),
+                                                     kMean, weight_sum, d.opts));
+    *correct = static_cast<int64_t>(totals[2]);
+  }
+};
+
 // ---- the kernels ----
 
 // Applies op to every row; a reducing op's block sum goes to partials[block], or, for a grid of
@@ -385,10 +448,6 @@ __global__ void __launch_bounds__(kFinishThreads) finish_kernel(const Op op, con
     totals[k] = block_allreduce(v, SumOp(), acc_t(0));
   }
   if (threadIdx.x == 0) op.finish(totals);
-}
-
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
 }
 
 int next_pow2(int64_t v) {
@@ -470,10 +529,6 @@ struct LogitsHolder {
     }
   }
 };
-
-at::Tensor index_targets(const at::Tensor& target) {
-  return target.scalar_type() == at::kLong ? target.contiguous() : target.to(at::kLong).contiguous();
-}
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cuda(const at::Tensor& input_, const at::Tensor& target,
                                                               const std::optional<at::Tensor>& weight,
@@ -568,6 +623,26 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_cuda(const at::Tensor&
 }
 
 }  // namespace
+
+namespace cuda {
+
+void train_step_loss(at::Tensor& logits, const at::Tensor& bias, const at::Tensor& target, int64_t valid_rows,
+                     int64_t ignore_index, double label_smoothing, at::Tensor& grad_bias, at::Tensor& loss,
+                     at::Tensor& correct) {
+  const int64_t rows = logits.size(0), classes = logits.size(1);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "train_step_sgd_cuda", [&] {
+    using math_t = at::opmath_type<scalar_t>;
+    const TrainStepLoss<scalar_t> op{
+        {logits.const_data_ptr<scalar_t>(), nullptr, nullptr, rows, classes,
+         CrossEntropyOptions<math_t>(classes, label_smoothing)},
+        logits.data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), ignore_index,
+        static_cast<math_t>(valid_rows), loss.data_ptr<scalar_t>(), correct.data_ptr<int64_t>()};
+    launch_rows(op, plan_rows(rows, classes, /*lanes=*/1), rows, logits.options().dtype(at::kDouble));
+  });
+  at::sum_out(grad_bias, logits, at::IntArrayRef{0});  // column sums of the logit grad
+}
+
+}  // namespace cuda
 
 TORCH_LIBRARY_IMPL(mnist_fast, CUDA, m) {
   m.impl("cross_entropy_forward", TORCH_FN(cross_entropy_forward_cuda));

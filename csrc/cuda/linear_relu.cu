@@ -5,7 +5,8 @@
 // bias grad, then the two GEMMs run on the masked grad; a GEMM whose result is not needed is skipped.
 //
 // The per-element formulas are row_math::bias_relu / relu_grad, the ones the CPU kernels use; the
-// orchestration (checks, GEMMs, order of passes) is linear_relu_impl.h, shared with the CPU.
+// orchestration (checks, GEMMs, order of passes) is linear_relu_impl.h, shared with the CPU. The two
+// passes are also the training step's (declared in kernels.cuh).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -20,10 +21,12 @@
 
 #include "../checks.h"
 #include "../linear_relu_impl.h"
+#include "kernels.cuh"
 
 namespace mnist_fast {
 namespace {
 
+using cuda::ceil_div;
 using row_math::bias_relu;
 using row_math::relu_grad;
 
@@ -33,10 +36,6 @@ constexpr int kTileCols = 32;
 constexpr int kTileRows = 8;
 constexpr int kTileThreads = kTileCols * kTileRows;
 constexpr int64_t kMaxGridY = 65535;  // hardware limit of gridDim.y
-
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
 
 // ---- forward epilogue ----
 
@@ -58,26 +57,6 @@ __global__ void __launch_bounds__(kTileThreads)
   }
 }
 
-void bias_relu_inplace(at::Tensor& out, const std::optional<at::Tensor>& bias) {
-  const int64_t rows = out.size(0), cols = out.size(1);
-  if (rows == 0 || cols == 0) return;  // a grid of 0 blocks is a launch error
-  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  const dim3 grid(static_cast<unsigned>(ceil_div(cols, kTileCols)),
-                  static_cast<unsigned>(std::min(ceil_div(rows, kTileRows * kEpilogueRowsPerThread), kMaxGridY)));
-  const dim3 block(kTileCols, kTileRows);
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "linear_relu_cuda", [&] {
-    bias_relu_kernel<scalar_t><<<grid, block, 0, stream>>>(
-        out.data_ptr<scalar_t>(), b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, rows, cols);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-at::Tensor linear_relu_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  return linear_relu_forward_impl(input, weight, bias, bias_relu_inplace);
-}
-
 // ---- backward: ReLU mask and bias grad ----
 
 // Rows of one block of the masking kernel. The bias grad of a column is summed in a fixed order:
@@ -88,11 +67,12 @@ constexpr int64_t kMaskRowsPerChunk = 64;
 
 // grad_pre = relu_grad(grad_output, output); with column sums requested, either writes them as
 // grad_bias (a single chunk) or as partials[chunk, col] in the accumulation type.
-// grad_output may have any strides (a stride-0 grad from .sum().backward() included).
+// grad_output may have any strides (a stride-0 grad from .sum().backward() included), and may be
+// grad_pre (the training step masks in place: no __restrict__ on these two).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kTileThreads)
-    relu_mask_kernel(const scalar_t* __restrict__ grad_output, int64_t grad_stride_row, int64_t grad_stride_col,
-                     const scalar_t* __restrict__ output, scalar_t* __restrict__ grad_pre, int64_t rows, int64_t cols,
+    relu_mask_kernel(const scalar_t* grad_output, int64_t grad_stride_row, int64_t grad_stride_col,
+                     const scalar_t* __restrict__ output, scalar_t* grad_pre, int64_t rows, int64_t cols,
                      int64_t rows_per_chunk, acc_t* __restrict__ partials, scalar_t* __restrict__ grad_bias) {
   const int64_t col = int64_t(blockIdx.x) * kTileCols + threadIdx.x;
   const int64_t first = int64_t(blockIdx.y) * rows_per_chunk;
@@ -133,7 +113,25 @@ __global__ void __launch_bounds__(kTileThreads)
   grad_bias[col] = static_cast<scalar_t>(total);
 }
 
-// grad_pre = grad_output * (output > 0), and grad_bias = grad_pre summed over rows if defined.
+}  // namespace
+
+namespace cuda {
+
+void bias_relu_inplace(at::Tensor& out, const std::optional<at::Tensor>& bias) {
+  const int64_t rows = out.size(0), cols = out.size(1);
+  if (rows == 0 || cols == 0) return;  // a grid of 0 blocks is a launch error
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const dim3 grid(static_cast<unsigned>(ceil_div(cols, kTileCols)),
+                  static_cast<unsigned>(std::min(ceil_div(rows, kTileRows * kEpilogueRowsPerThread), kMaxGridY)));
+  const dim3 block(kTileCols, kTileRows);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "linear_relu_cuda", [&] {
+    bias_relu_kernel<scalar_t><<<grid, block, 0, stream>>>(
+        out.data_ptr<scalar_t>(), b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, rows, cols);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 void mask_grad(const at::Tensor& grad_output, const at::Tensor& output, at::Tensor& grad_pre, at::Tensor& grad_bias) {
   const int64_t rows = output.size(0), cols = output.size(1);
   if (cols == 0) return;
@@ -168,13 +166,24 @@ void mask_grad(const at::Tensor& grad_output, const at::Tensor& output, at::Tens
   });
 }
 
+}  // namespace cuda
+
+namespace {
+
+// ---- the ops ----
+
+at::Tensor linear_relu_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  return linear_relu_forward_impl(input, weight, bias, cuda::bias_relu_inplace);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(const at::Tensor& grad_output,
                                                                          const at::Tensor& input,
                                                                          const at::Tensor& weight,
                                                                          const at::Tensor& output,
                                                                          std::array<bool, 3> output_mask) {
   const c10::cuda::CUDAGuard guard(input.device());
-  return linear_relu_backward_impl(grad_output, input, weight, output, output_mask, mask_grad);
+  return linear_relu_backward_impl(grad_output, input, weight, output, output_mask, cuda::mask_grad);
 }
 
 }  // namespace
