@@ -62,9 +62,11 @@ bench: build
 bench-report: build
 	$(PY) -m benchmarks.report --threads 1 --clock thread --out-json bench.json --out-png bench.png $(ARGS)
 
-# sdist, wheel from it (CPU-only, manylinux-tagged), each installed into a fresh venv and smoke-tested.
+# sdist, wheel from it (manylinux-tagged), each installed into a fresh venv and smoke-tested.
+# CPU-only unless PACKAGE_CUDA=1 (each CUDA build takes minutes).
+PACKAGE_CUDA ?= 0
 package-check: setup
-	PY=$(abspath $(PY)) BASE_PY=$(PYTHON) scripts/check_packaging.sh
+	MNIST_FAST_CUDA=$(PACKAGE_CUDA) PY=$(abspath $(PY)) BASE_PY=$(PYTHON) scripts/check_packaging.sh
 
 clean:
 	rm -rf build build-cmake build-sanitize mnist_fast/_C*.so *.egg-info
