@@ -4,8 +4,8 @@ CUDA kernels (csrc/cuda/*.cu) are compiled when MNIST_FAST_CUDA=1, or by default
 CUDA build and nvcc is found; MNIST_FAST_CUDA=0 forces a CPU-only build. No GPU is needed to
 compile: TORCH_CUDA_ARCH_LIST defaults to the architectures below when none is visible.
 Other switches: MNIST_FAST_DEBUG=1 (-O0 -g), MNIST_FAST_SANITIZE=1 (ASan + UBSan),
-MNIST_FAST_MARCH=<arch> (-march; default "native", as the extension is compiled where it is
-installed; use e.g. x86-64 to build a wheel for other machines, or "" for the compiler default).
+MNIST_FAST_MARCH=<arch> (-march; unset by default: the build runs on any CPU of its architecture,
+the CPU kernels being compiled for each capability and chosen at run time, see csrc/cpu/kernels/).
 
 Install with `pip install --no-build-isolation .` so the extension is built against the torch
 that is installed (an isolated build would fetch another torch and break the ABI).
@@ -74,7 +74,11 @@ def cuda_library_dirs():
 
 
 def extension():
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    # The per-capability kernels last, DEFAULT first: where their objects share an inline function
+    # with another, the linker keeps the first copy, which must be one that any CPU can run.
+    capabilities = [f"csrc/cpu/kernels/capability_{c}.cpp" for c in ("default", "avx2", "avx512")]
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")) + ["csrc/cpu/kernels/dispatch.cpp"]
+    sources += capabilities
     debug = env_flag("MNIST_FAST_DEBUG") or False
     sanitize = env_flag("MNIST_FAST_SANITIZE") or False
     opt = ["-O0", "-g"] if (debug or sanitize) else ["-O3"]
@@ -82,10 +86,8 @@ def extension():
     # softmax exp in particular); results and NaN/inf semantics are unchanged (unlike -ffast-math).
     cxx = opt + ["-fvisibility=hidden", "-fno-trapping-math"]
     ldflags = []
-    # The package is compiled where it is installed, so by default the kernels use that CPU's
-    # vector width (the softmax loops run 3-5x faster with AVX-512 than with baseline SSE2).
-    # Building a wheel for other machines: MNIST_FAST_MARCH=x86-64 (or x86-64-v3, ...).
-    march = os.environ.get("MNIST_FAST_MARCH", "native")
+    # No -march by default: the vector kernels get their ISA per capability (capability_*.cpp).
+    march = os.environ.get("MNIST_FAST_MARCH", "")
     if march and not sanitize:
         cxx.append(f"-march={march}")
     if sanitize:

@@ -3,6 +3,7 @@
 // dispatcher ops costs less than going through torch.ops (see mnist_fast/functional.py).
 #include <torch/extension.h>
 
+#include "cpu/kernels/kernels.h"
 #include "ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -25,6 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("input"), py::arg("target"), py::arg("params"), py::arg("momentum_buffers"), py::arg("workspace"),
         py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
         py::arg("first_step"), py::arg("ignore_index"), py::arg("label_smoothing"));
+  m.def("cpu_capability", []() { return std::string(mnist_fast::cpu::kernel_table().capability); },
+        "the CPU kernels in use: 'default', 'avx2' or 'avx512' (ATen's capability, ATEN_CPU_CAPABILITY)");
   m.def("cuda_compiled", []() {
 #ifdef MNIST_FAST_WITH_CUDA
     return true;

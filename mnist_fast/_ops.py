@@ -27,7 +27,8 @@ def _cross_entropy_forward_fake(input, target, weight, reduction, ignore_index, 
     torch._check(input.dim() == 2, lambda: "cross_entropy: input must be (N, C)")
     rows = input.shape[0]
     loss = input.new_empty((rows,) if reduction == 0 else ())
-    lse = input.new_empty((rows,), dtype=torch.float64)  # float64 for every input dtype (row_math.h)
+    # Per row the max and log(sum(exp(x - max))), float64 for every input dtype (row_math.h).
+    lse = input.new_empty((rows, 2), dtype=torch.float64)
     return loss, lse
 
 
