@@ -11,6 +11,7 @@
 #error "kernels_impl.h is compiled through capability_*.cpp only"
 #endif
 
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
@@ -36,7 +37,12 @@ inline Vec<acc_t> load(const scalar_t* p, int64_t n, acc_t fill = acc_t(0)) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     if (n == L) return Vec<acc_t>::loadu(p);
     return Vec<acc_t>::set(Vec<acc_t>(fill), Vec<acc_t>::loadu(p, n), n);
-  } else {  // bfloat16 / float16: converted lane by lane
+  } else {  // bfloat16 / float16 (acc_t float)
+    if (n == L) {
+      Vec<acc_t> v;
+      at::vec::load_to_float<scalar_t>(p, v);
+      return v;
+    }
     alignas(64) acc_t buf[L];
     for (int64_t k = 0; k < L; ++k) buf[k] = k < n ? static_cast<acc_t>(p[k]) : fill;
     return Vec<acc_t>::loadu(buf);
@@ -48,10 +54,8 @@ inline void store(scalar_t* p, const Vec<acc_t>& v, int64_t n) {
   constexpr int64_t L = Vec<acc_t>::size();
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     v.store(p, n);
-  } else {
-    alignas(64) acc_t buf[L];
-    v.store(buf);
-    for (int64_t k = 0; k < n; ++k) p[k] = static_cast<scalar_t>(buf[k]);
+  } else {  // rounded as static_cast does (round to nearest even)
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
   }
 }
 
@@ -90,10 +94,22 @@ inline Vec<acc_t> relu_grad(const Vec<acc_t>& grad, const Vec<acc_t>& output) {
   return Vec<acc_t>::blendv(grad, Vec<acc_t>(0), output <= Vec<acc_t>(0));
 }
 
+// exp of the kernels' arguments x - max (- log-sum), all <= 0 or NaN. float on AVX2/AVX-512:
+// ATen's inline exp_u20 (within 20 ulp; no call, so the class loop is scheduled as one block),
+// with NaN passed through (its clamping would turn NaN into a huge number). Else Vectorized::exp
+// (Sleef u10 on AVX2/AVX-512, libm per lane on the baseline).
+template <typename acc_t>
+inline Vec<acc_t> exp_nonpositive(const Vec<acc_t>& x) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) return Vec<acc_t>::blendv(x.exp_u20(), x, x.isnan());
+#endif
+  return x.exp();
+}
+
 // p = exp(-(-log p)) from the row's max and log-sum (row_math::neg_log_prob).
 template <typename acc_t>
 inline Vec<acc_t> softmax_of(const Vec<acc_t>& x, const Vec<acc_t>& row_max, const Vec<acc_t>& log_sum) {
-  return neg_log_prob(x, row_max, log_sum).neg().exp();
+  return exp_nonpositive(neg_log_prob(x, row_max, log_sum).neg());
 }
 
 // ---- cross-entropy ----
@@ -110,20 +126,30 @@ struct CrossEntropyKernels {
   static acc_t grad_of_row(const Args& a, int64_t i) { return a.grad_rows ? a.grad_rows[i] : a.grad_scalar; }
 
   // Gradient scales of class-index row i (row_math: a, b and the class-independent a + b W).
-  static IndexGradScales<acc_t> index_scales(const Args& a, int64_t i) {
+  // mean_grad: a reduced loss's grad / target_weight_sum, divided once per call instead of per row.
+  static IndexGradScales<acc_t> index_scales(const Args& a, int64_t i, acc_t mean_grad) {
     const int64_t y = a.target[i];
-    return y == a.ignore_index ? ignored_row_grad_scales(a.opts)
-                               : index_grad_scales(grad_of_row(a, i), weight(a, y), a.reduction, a.target_weight_sum,
-                                                   a.opts);
+    if (y == a.ignore_index) return ignored_row_grad_scales(a.opts);
+    if (!a.grad_rows && a.reduction == kMean) return index_grad_scales(mean_grad, weight(a, y), kSum, acc_t(1), a.opts);
+    return index_grad_scales(grad_of_row(a, i), weight(a, y), a.reduction, a.target_weight_sum, a.opts);
   }
+  static acc_t mean_grad(const Args& a) { return a.grad_scalar / a.target_weight_sum; }
 
   // -- short rows: up to L rows at once, one row per lane; column c of the block is class c --
   struct Block {
     alignas(64) acc_t v[kShortRow][L];
-    // Rows r < n of a (rows, classes) matrix; lanes of missing rows are 0.
+    // Rows r < n of a (rows, classes) matrix; the lanes of missing rows repeat row n - 1.
     void load_rows(const scalar_t* x, int64_t n, int64_t classes) {
-      for (int64_t r = 0; r < L; ++r) {
-        for (int64_t c = 0; c < classes; ++c) v[c][r] = r < n ? static_cast<acc_t>(x[r * classes + c]) : acc_t(0);
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {  // a hardware gather per class on AVX2/AVX-512
+        using Index = at::vec::Vectorized<at::vec::int_same_size_t<acc_t>>;
+        alignas(64) at::vec::int_same_size_t<acc_t> offsets[L];
+        for (int64_t r = 0; r < L; ++r) offsets[r] = std::min(r, n - 1) * classes;
+        const Index index = Index::loadu(offsets);
+        for (int64_t c = 0; c < classes; ++c) set_column(c, at::vec::gather<sizeof(acc_t)>(x + c, index));
+      } else {
+        for (int64_t r = 0; r < L; ++r) {
+          for (int64_t c = 0; c < classes; ++c) v[c][r] = static_cast<acc_t>(x[std::min(r, n - 1) * classes + c]);
+        }
       }
     }
     void store_rows(scalar_t* x, int64_t n, int64_t classes) const {
@@ -140,7 +166,7 @@ struct CrossEntropyKernels {
     row_max = x.column(0);
     for (int64_t c = 1; c < classes; ++c) row_max = at::vec::maximum(row_max, x.column(c));
     V s(0);
-    for (int64_t c = 0; c < classes; ++c) s = s + (x.column(c) - row_max).exp();
+    for (int64_t c = 0; c < classes; ++c) s = s + exp_nonpositive(x.column(c) - row_max);
     log_sum = s.log();
   }
 
@@ -193,12 +219,13 @@ struct CrossEntropyKernels {
     x.load_rows(a.input + r0 * C, n, C);
     alignas(64) acc_t mx[L] = {}, lsum[L] = {}, ga[L] = {}, gb[L] = {}, scale[L] = {}, cls[L];
     for (int64_t r = 0; r < L; ++r) cls[r] = acc_t(-1);
+    const acc_t mean = a.target ? mean_grad(a) : acc_t(0);
     for (int64_t r = 0; r < n; ++r) {
       const SavedRowStats<acc_t> st(a.stats + kRowStats * (r0 + r));
       mx[r] = st.max;
       lsum[r] = st.log_sum;
       if (a.target) {
-        const auto s = index_scales(a, r0 + r);
+        const auto s = index_scales(a, r0 + r, mean);
         ga[r] = s.a;
         gb[r] = s.b;
         scale[r] = index_grad_row_scale(a.weight_total, s);
@@ -212,7 +239,9 @@ struct CrossEntropyKernels {
       const V va = V::loadu(ga), vb = V::loadu(gb), y = V::loadu(cls);
       Block out;
       for (int64_t c = 0; c < C; ++c) {
-        V grad = index_grad_class(softmax_of(x.column(c), m, ls), g, vb, V(weight(a, c)), a.opts.smoothing);
+        const V p = softmax_of(x.column(c), m, ls);
+        // (the class weight only enters with smoothing: not read otherwise)
+        const V grad = index_grad_class(p, g, vb, a.opts.smoothing ? V(weight(a, c)) : V(0), a.opts.smoothing);
         out.set_column(c, V::blendv(grad, grad - va, y == V(static_cast<acc_t>(c))));
       }
       out.store_rows(a.grad_input + r0 * C, n, C);
@@ -247,7 +276,7 @@ struct CrossEntropyKernels {
     const acc_t mx = lane_max(vm);
     const V m(mx);
     V vs(0);  // the tail's fill of -inf adds exp(-inf) = 0 (or NaN where the row is NaN anyway)
-    for (int64_t c0 = 0; c0 < C; c0 += L) vs = vs + (load<acc_t>(x + c0, std::min(L, C - c0), kNegInf) - m).exp();
+    for (int64_t c0 = 0; c0 < C; c0 += L) vs = vs + exp_nonpositive(load<acc_t>(x + c0, std::min(L, C - c0), kNegInf) - m);
     const acc_t lsum = std::log(lane_sum(vs));
     const V ls(lsum);
     save_row_stats(a.stats + kRowStats * i, mx, lsum);
@@ -288,7 +317,7 @@ struct CrossEntropyKernels {
     const SavedRowStats<acc_t> st(a.stats + kRowStats * i);
     const V m(st.max), ls(st.log_sum);
     if (a.target) {
-      const auto s = index_scales(a, i);
+      const auto s = index_scales(a, i, mean_grad(a));
       const V g(index_grad_row_scale(a.weight_total, s)), vb(s.b), va(s.a);
       const int64_t y = a.target[i] == a.ignore_index ? -1 : a.target[i];
       scalar_t* out = a.grad_input + i * C;
