@@ -51,7 +51,6 @@ inline Vec<acc_t> load(const scalar_t* p, int64_t n, acc_t fill = acc_t(0)) {
 
 template <typename scalar_t, typename acc_t>
 inline void store(scalar_t* p, const Vec<acc_t>& v, int64_t n) {
-  constexpr int64_t L = Vec<acc_t>::size();
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     v.store(p, n);
   } else {  // rounded as static_cast does (round to nearest even)
