@@ -8,8 +8,8 @@ tools (Makefile, scripts/gpu_check.sh, .ci/run) ask it on the command line:
 
 Only the standard library at import time; torch is consulted when it is installed.
 Switches (environment): MNIST_FAST_CUDA=0/1, MNIST_FAST_DEBUG=1 (-O0 -g), MNIST_FAST_SANITIZE=1
-(ASan + UBSan), MNIST_FAST_MARCH=<arch> (-march; default "native", as the extension is compiled
-where it is installed; e.g. x86-64 to build a wheel for other machines, "" for the compiler default).
+(ASan + UBSan), MNIST_FAST_MARCH=<arch> (-march; unset by default: the build runs on any CPU of its
+architecture, the CPU kernels being compiled for each capability and chosen at run time).
 """
 import glob
 import os
@@ -38,7 +38,10 @@ def _glob(*patterns):
 
 def cpp_sources():
     """Schemas, autograd, bindings and CPU kernels, relative to the repository root."""
-    return _glob("csrc/*.cpp", "csrc/cpu/*.cpp")
+    # The per-capability kernels last, DEFAULT first: where their objects share an inline function
+    # with another, the linker keeps the first copy, which must be one that any CPU can run.
+    capabilities = [f"csrc/cpu/kernels/capability_{c}.cpp" for c in ("default", "avx2", "avx512")]
+    return _glob("csrc/*.cpp", "csrc/cpu/*.cpp") + ["csrc/cpu/kernels/dispatch.cpp"] + capabilities
 
 
 def library_sources():
@@ -92,9 +95,11 @@ def kernel_flags():
     # -fno-trapping-math lets the compiler if-convert and vectorize the kernels' float selects (the
     # softmax exp in particular); results and NaN/inf semantics are unchanged (unlike -ffast-math).
     flags = ["-fno-trapping-math"]
-    # The package is compiled where it is installed, so by default the kernels use that CPU's
-    # vector width (the softmax loops run 3-5x faster with AVX-512 than with baseline SSE2).
-    march = os.environ.get("MNIST_FAST_MARCH", "native")
+    # No -march by default: the build runs on any CPU of its architecture; the vector kernels get
+    # their ISA per capability (csrc/cpu/kernels/capability_*.cpp) and are chosen at run time.
+    # -Wno-psabi: g++'s note that passing vector types changed ABI in GCC 4.x, irrelevant here.
+    flags.append("-Wno-psabi")
+    march = os.environ.get("MNIST_FAST_MARCH", "")
     if march and not sanitize:
         flags.append(f"-march={march}")
     if sanitize:

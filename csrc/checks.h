@@ -118,8 +118,8 @@ inline at::Tensor index_targets(const at::Tensor& target) {
   return target.scalar_type() == at::kLong ? target.contiguous() : target.to(at::kLong).contiguous();
 }
 
-// dtype of the saved per-row logsumexp: float64 whatever the input, so that x - lse keeps its
-// digits for large logits (see row_math.h). It costs 8 bytes a row.
+// dtype of the saved per-row statistics (row_math.h's SavedRowStats, kRowStats values a row):
+// float64 whatever the input. It costs 16 bytes a row.
 inline at::ScalarType logsumexp_dtype(at::ScalarType) {
   return at::kDouble;
 }
@@ -139,8 +139,10 @@ inline TargetKind check_cross_entropy_backward_args(const at::Tensor& grad_loss,
   } else {
     TORCH_CHECK_VALUE(grad_loss.dim() == 0, op, ": expected a 0-d grad_loss, got shape ", grad_loss.sizes());
   }
-  TORCH_CHECK_VALUE(logsumexp.dim() == 1 && logsumexp.size(0) == input.size(0), op,
-                    ": expected logsumexp of shape (", input.size(0), ",), got ", logsumexp.sizes());
+  TORCH_CHECK_VALUE(logsumexp.dim() == 2 && logsumexp.size(0) == input.size(0) &&
+                        logsumexp.size(1) == row_math::kRowStats,
+                    op, ": expected logsumexp of shape (", input.size(0), ", ", row_math::kRowStats, "), got ",
+                    logsumexp.sizes());
   TORCH_CHECK(logsumexp.device() == input.device(), op, ": expected logsumexp on the same device as input");
   TORCH_CHECK_TYPE(logsumexp.scalar_type() == logsumexp_dtype(input.scalar_type()), op,
                    ": expected logsumexp of dtype ", logsumexp_dtype(input.scalar_type()), ", got ",

@@ -9,6 +9,7 @@
 #include <torch/extension.h>
 
 #include "checks.h"
+#include "cpu/kernels/kernels.h"
 #include "ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -38,6 +39,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         },
         "torch.optim.SGD's checks of its options (ValueError), those train_step_sgd makes", py::arg("lr"),
         py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"));
+  m.def("cpu_capability", []() { return std::string(mnist_fast::cpu::kernel_table().capability); },
+        "the CPU kernels in use: 'default', 'avx2' or 'avx512' (ATen's capability, ATEN_CPU_CAPABILITY)");
   m.def("cuda_compiled", []() {
 #ifdef MNIST_FAST_WITH_CUDA
     return true;

@@ -1,7 +1,8 @@
 // Per-element and per-row arithmetic of the fused ops, shared by the CPU and the CUDA kernels.
 //
 // Everything here is a small inline function that is __host__ __device__ under nvcc and a plain
-// inline function under g++. The kernels differ only in how they walk rows (loops and
+// inline function under g++. Functions whose value type is a template parameter V (besides the
+// accumulation type acc_t of the options) also run on the CPU kernels' at::vec::Vectorized<acc_t>. The kernels differ only in how they walk rows (loops and
 // at::parallel_for on the CPU, warps and blocks on the GPU); the formulas they apply are these, so
 // the CPU test suite exercises the very arithmetic the GPU runs.
 #pragma once
@@ -39,15 +40,19 @@ MNIST_FAST_HOST_DEVICE acc_t relu_grad(acc_t grad, acc_t output) {
 // Cross-entropy = log-softmax + NLL, with the options of F.cross_entropy.
 //
 // A row x of C logits is summarised by m = max(x), s = sum(exp(x - m)) and lse = m + log(s).
-// -log p[c] = lse - x[c] is evaluated as (m - x[c]) + log(s) in the forward, and the lse saved for
-// backward is float64, so neither loses digits when logits are large (|x| ~ 1e3 in float32 would
-// otherwise cost 1e-4 relative error against stock's log_softmax).
+// -log p[c] = lse - x[c] is evaluated as (m - x[c]) + log(s), and backward gets m and log(s) apart
+// (SavedRowStats): their sum would lose log(s) once |m| is large (at m = 1e17 even float64's lse
+// is m, and p = exp(x - lse) comes out 1 for every maximal logit).
 // With class-index targets y, label smoothing eps and class weights w (all ones when absent):
 //   nll    = w[y] * (lse - x[y])
-//   smooth = sum_c w[c] * (lse - x[c])  = sum_c w[c] * (m - x[c]) + W * log(s),  W = sum_c w[c]
+//   smooth = sum_c w[c] * ((m - x[c]) + log(s)), evaluated term by term as stock does, W = sum_c w[c]
 //   loss   = (1 - eps) * nll + eps / C * smooth
-// and d loss / d x[c] = (1 - eps) w[y] (p[c] - [c == y]) + eps / C (W p[c] - w[c]), p = softmax(x).
-// The 'smooth' form with (m - x[c]) adds non-negative terms only: no cancellation for large logits.
+// and d loss / d x[c] = p[c] (a + b W) - b w[c] - a [c == y],  a = (1 - eps) w[y] g, b = eps / C g,
+// p = softmax(x), g the incoming grad: stock's log_softmax backward, dlsm - p * sum(dlsm) with
+// dlsm[c] = -a [c == y] - b w[c], term for term, so that a NaN or inf weight gives NaN where stock
+// does and nowhere else (the b terms are absent without smoothing, as in stock: no 0 * inf).
+// Ignored rows have a = b = 0 (a NaN logit or, with smoothing, an inf weight still gives NaN there).
+// The smoothing sum adds non-negative terms (m - x[c]) + log(s) only: no cancellation.
 //
 // With probability targets t (a row of C values) the smoothed target is t' = (1 - eps) t + eps / C:
 //   loss = sum_c w[c] t'[c] (lse - x[c])
@@ -65,8 +70,9 @@ struct CrossEntropyOptions {
         per_class(num_classes > 0 ? acc_t(label_smoothing / double(num_classes)) : acc_t(0)),
         smoothing(label_smoothing > 0.0) {}
 
-  MNIST_FAST_HOST_DEVICE acc_t smoothed_target(acc_t t) const {
-    return smoothing ? t * on_target + per_class : t;
+  template <typename V>
+  MNIST_FAST_HOST_DEVICE V smoothed_target(V t) const {
+    return smoothing ? t * V(on_target) + V(per_class) : t;
   }
 };
 
@@ -76,17 +82,24 @@ MNIST_FAST_HOST_DEVICE acc_t neg_log_prob(acc_t x, acc_t row_max, acc_t log_sum_
   return (row_max - x) + log_sum_exp;
 }
 
-// The saved float64 logsumexp as hi + lo in acc_t: (hi - x) + lo keeps the digits of lse - x
-// without float64 arithmetic in the per-element loops.
+// The row statistics saved by the forward for the backward: kRowStats float64 values per row,
+// m and log(s) (see above), written and read only through these two functions.
+constexpr int64_t kRowStats = 2;
+
 template <typename acc_t>
-struct SplitLogSumExp {
-  acc_t hi;
-  acc_t lo;
-  MNIST_FAST_HOST_DEVICE explicit SplitLogSumExp(double lse) : hi(static_cast<acc_t>(lse)), lo(acc_t(0)) {
-    if (hi - hi == acc_t(0)) lo = static_cast<acc_t>(lse - static_cast<double>(hi));  // finite only
-  }
+MNIST_FAST_HOST_DEVICE void save_row_stats(double* stats, acc_t row_max, acc_t log_sum) {
+  stats[0] = static_cast<double>(row_max);
+  stats[1] = static_cast<double>(log_sum);
+}
+
+template <typename acc_t>
+struct SavedRowStats {
+  acc_t max;
+  acc_t log_sum;
+  MNIST_FAST_HOST_DEVICE explicit SavedRowStats(const double* stats)
+      : max(static_cast<acc_t>(stats[0])), log_sum(static_cast<acc_t>(stats[1])) {}
   MNIST_FAST_HOST_DEVICE acc_t neg_log_prob(acc_t x) const {
-    return (hi - x) + lo;
+    return (max - x) + log_sum;
   }
 };
 
@@ -115,11 +128,12 @@ MNIST_FAST_HOST_DEVICE acc_t index_reduced_loss(acc_t nll_sum, acc_t smooth_sum,
   return reduction == kMean ? loss / target_weight_sum : loss;
 }
 
-// Per-row scales of the gradient: grad[c] = a (p[c] - [c == y]) + b (W p[c] - w[c]).
+// Per-row scales of the gradient (see above); a row that is ignored has a = b = 0.
 template <typename acc_t>
 struct IndexGradScales {
   acc_t a;
   acc_t b;
+  bool smoothing;
 };
 
 template <typename acc_t>
@@ -130,14 +144,33 @@ MNIST_FAST_HOST_DEVICE IndexGradScales<acc_t> index_grad_scales(acc_t grad_loss,
   IndexGradScales<acc_t> s;
   s.a = (o.smoothing ? o.on_target : acc_t(1)) * target_weight * g;
   s.b = o.smoothing ? o.per_class * g : acc_t(0);
+  s.smoothing = o.smoothing;
   return s;
+}
+
+template <typename acc_t>
+MNIST_FAST_HOST_DEVICE IndexGradScales<acc_t> ignored_row_grad_scales(const CrossEntropyOptions<acc_t>& o) {
+  return {acc_t(0), acc_t(0), o.smoothing};
+}
+
+// p (a + b W), the part of every class's gradient that does not depend on the class.
+template <typename acc_t>
+MNIST_FAST_HOST_DEVICE acc_t index_grad_row_scale(acc_t weight_sum, const IndexGradScales<acc_t>& s) {
+  return s.smoothing ? s.a + s.b * weight_sum : s.a;
+}
+
+// The gradient of a class that is not the target: p (a + b W) - b w[c] (row_scale = a + b W).
+template <typename V>
+MNIST_FAST_HOST_DEVICE V index_grad_class(V p, V row_scale, V b, V class_weight, bool smoothing) {
+  const V g = p * row_scale;
+  return smoothing ? g - b * class_weight : g;
 }
 
 template <typename acc_t>
 MNIST_FAST_HOST_DEVICE acc_t index_grad(acc_t p, bool is_target, acc_t class_weight, acc_t weight_sum,
                                         const IndexGradScales<acc_t>& s) {
-  // Branch-free so the CPU loop vectorizes; b is 0 without smoothing and W p - w[c] is finite.
-  return s.a * (p - acc_t(is_target ? 1 : 0)) + s.b * (weight_sum * p - class_weight);
+  const acc_t g = index_grad_class(p, index_grad_row_scale(weight_sum, s), s.b, class_weight, s.smoothing);
+  return is_target ? g - s.a : g;
 }
 
 // ---- probability targets ----
@@ -167,10 +200,9 @@ MNIST_FAST_HOST_DEVICE acc_t prob_input_grad(acc_t p, acc_t weighted_target_sum,
   return g * (p * weighted_target_sum - weighted_target);
 }
 
-template <typename acc_t>
-MNIST_FAST_HOST_DEVICE acc_t prob_target_grad(acc_t neg_log_p, acc_t class_weight, acc_t g,
-                                              const CrossEntropyOptions<acc_t>& o) {
-  return g * (o.smoothing ? o.on_target : acc_t(1)) * class_weight * neg_log_p;
+template <typename V, typename acc_t>
+MNIST_FAST_HOST_DEVICE V prob_target_grad(V neg_log_p, V class_weight, V g, const CrossEntropyOptions<acc_t>& o) {
+  return g * V(o.smoothing ? o.on_target : acc_t(1)) * class_weight * neg_log_p;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -200,26 +232,26 @@ struct SgdOptions {
 };
 
 // The decayed gradient g.
-template <typename acc_t>
-MNIST_FAST_HOST_DEVICE acc_t sgd_decayed_grad(acc_t grad, acc_t param, const SgdOptions<acc_t>& o) {
-  return o.weight_decay != acc_t(0) ? grad + o.weight_decay * param : grad;
+template <typename V, typename acc_t>
+MNIST_FAST_HOST_DEVICE V sgd_decayed_grad(V grad, V param, const SgdOptions<acc_t>& o) {
+  return o.weight_decay != acc_t(0) ? grad + V(o.weight_decay) * param : grad;
 }
 
 // The new momentum buffer from the old one and g.
-template <typename acc_t>
-MNIST_FAST_HOST_DEVICE acc_t sgd_momentum_buffer(acc_t buf, acc_t g, const SgdOptions<acc_t>& o) {
-  return o.first_step ? g : buf * o.momentum + o.one_minus_dampening * g;
+template <typename V, typename acc_t>
+MNIST_FAST_HOST_DEVICE V sgd_momentum_buffer(V buf, V g, const SgdOptions<acc_t>& o) {
+  return o.first_step ? g : buf * V(o.momentum) + V(o.one_minus_dampening) * g;
 }
 
 // The step direction d from g and the new buffer.
-template <typename acc_t>
-MNIST_FAST_HOST_DEVICE acc_t sgd_direction(acc_t g, acc_t buf, const SgdOptions<acc_t>& o) {
-  return o.nesterov ? g + o.momentum * buf : buf;
+template <typename V, typename acc_t>
+MNIST_FAST_HOST_DEVICE V sgd_direction(V g, V buf, const SgdOptions<acc_t>& o) {
+  return o.nesterov ? g + V(o.momentum) * buf : buf;
 }
 
-template <typename acc_t>
-MNIST_FAST_HOST_DEVICE acc_t sgd_param(acc_t param, acc_t direction, const SgdOptions<acc_t>& o) {
-  return param - o.lr * direction;
+template <typename V, typename acc_t>
+MNIST_FAST_HOST_DEVICE V sgd_param(V param, V direction, const SgdOptions<acc_t>& o) {
+  return param - V(o.lr) * direction;
 }
 
 }  // namespace row_math

@@ -17,6 +17,7 @@ __all__ = ["fast_path"]
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _REDUCTIONS = (0, 1, 2)  # none, mean, sum
+_ROW_STATS = 2  # float64 values a row the cross-entropy forward saves (row_math.h's kRowStats)
 
 
 def fast_path(name: str):
@@ -185,7 +186,8 @@ def _cross_entropy_forward_fake(input, target, weight, reduction, ignore_index, 
     _check_cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing)
     rows = input.shape[0]
     loss = input.new_empty((rows,) if reduction == 0 else ())
-    lse = input.new_empty((rows,), dtype=torch.float64)  # float64 for every input dtype (row_math.h)
+    # Per row the max and log(sum(exp(x - max))), float64 for every input dtype (row_math.h).
+    lse = input.new_empty((rows, _ROW_STATS), dtype=torch.float64)
     return loss, lse
 
 
@@ -202,8 +204,9 @@ def _cross_entropy_backward_fake(
     torch._check(logsumexp.device == input.device, lambda: f"{op}: expected logsumexp on the same device as input")
     torch._check_type(logsumexp.dtype == torch.float64,
                       lambda: f"{op}: expected logsumexp of dtype torch.float64, got {logsumexp.dtype}")
-    torch._check_value(_shape(logsumexp) == [input.shape[0]],
-                       lambda: f"{op}: expected logsumexp of shape ({input.shape[0]},), got {_shape(logsumexp)}")
+    torch._check_value(_shape(logsumexp) == [input.shape[0], _ROW_STATS],
+                       lambda: f"{op}: expected logsumexp of shape ({input.shape[0]}, {_ROW_STATS}), got "
+                               f"{_shape(logsumexp)}")
     grad_input = torch.empty_like(input) if output_mask[0] else None
     grad_target = torch.empty_like(input) if output_mask[1] else None
     return grad_input, grad_target

@@ -213,3 +213,58 @@ def test_weight_gradient_is_refused_clearly(device):
 
 
 # ---- bad input: the cases are in bad_input_cases.py (one table, run by test_bad_inputs.py) ----
+
+
+# A NaN or inf weight for a class that no row targets (1 / bincount(labels) with a class missing
+# from the batch): stock's gradient stays finite without smoothing and is NaN/inf exactly where
+# its log_softmax backward makes it so with smoothing (issue 12, item 2). Class 4 is never a target;
+# "dominant" makes it every row's largest logit, where (m - x) is 0 and 0 * inf would be NaN.
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("ignore_index", [IGNORE, 1])
+@pytest.mark.parametrize("dominant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nonfinite_weight_of_an_untargeted_class_matches_stock(device, bad, reduction, smoothing, ignore_index,
+                                                                dominant, dtype):
+    x = torch.randn(6, 5, dtype=dtype, device=device)
+    if dominant:
+        x[:, 4] += 10
+    x.requires_grad_()
+    t = torch.tensor([0, 1, 2, 1, 3, 0], device=device)
+    w = (torch.rand(5, device=device) + 0.5).to(dtype)
+    w[4] = bad
+    check_parity(x, t, dtype, weight=w, reduction=reduction, label_smoothing=smoothing, ignore_index=ignore_index)
+
+
+# Logits so large that m + log(s) rounds to m even in float64 (issue 12, item 6): the gradient of
+# three equal logits is [-2/3, 1/3, 1/3] at any scale.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1e13, 1e17, 1e30])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_huge_logits_keep_the_log_of_the_sum(device, dtype, scale, smoothing):
+    x = (torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.5, 0.25], [-1.0, -1.0, -1.0]], dtype=torch.float64)
+         * scale).to(dtype).to(device).requires_grad_()
+    t = torch.tensor([0, 2, 1, 1], device=device)
+    check_parity(x, t, dtype, reduction="none", label_smoothing=smoothing)
+    MF.cross_entropy(x[:1], t[:1]).backward()
+    torch.testing.assert_close(x.grad[0].double().cpu(), torch.tensor([-2 / 3, 1 / 3, 1 / 3], dtype=torch.float64),
+                               **TOL[dtype])
+    p = prob_target((4, 3), dtype, device)
+    check_parity(x, p, dtype, reduction="sum", label_smoothing=smoothing)
+
+
+# No rows and a class count whose per-class buffers would not fit in memory (issue 12, item 10):
+# stock returns NaN (mean), 0 (sum) or an empty loss without touching the classes.
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("probabilities", [False, True])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_empty_batch_with_a_huge_class_count_is_like_stock(device, reduction, probabilities, smoothing):
+    classes = 2 ** 40
+    x = torch.empty(0, classes, device=device, requires_grad=True)
+    t = torch.empty(0, classes, device=device) if probabilities else torch.empty(0, dtype=torch.long, device=device)
+    kw = dict(reduction=reduction, label_smoothing=smoothing)
+    ours, ref = MF.cross_entropy(x, t, **kw), F.cross_entropy(x, t, **kw)
+    torch.testing.assert_close(ours, ref, equal_nan=True)
+    grad, = torch.autograd.grad(ours.sum(), x)
+    assert grad.shape == x.shape

@@ -32,98 +32,57 @@ std::pair<at::opmath_type<scalar_t>, int64_t> loss_and_logit_grad(at::Tensor& lo
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t rows = logits.size(0), classes = logits.size(1);
   scalar_t* x = logits.data_ptr<scalar_t>();
-  const scalar_t* b = bias.data_ptr<scalar_t>();
-  const CrossEntropyOptions<acc_t> opts(classes, label_smoothing);
-  const auto scales = index_grad_scales(acc_t(1), acc_t(1), kMean, weight_sum, opts);
-  std::vector<acc_t> bias_grad(classes, acc_t(0));
-  acc_t nll_sum = 0, smooth_sum = 0;
+  const auto& kernels = cpu::kernels<scalar_t>();
+  kernels.bias_relu(x, bias.data_ptr<scalar_t>(), rows, classes, /*relu=*/false);
   int64_t correct = 0;
   for (int64_t i = 0; i < rows; ++i) {
-    scalar_t* row = x + i * classes;
+    const scalar_t* row = x + i * classes;
     int64_t best = 0;
-    for (int64_t c = 0; c < classes; ++c) {
-      row[c] = static_cast<scalar_t>(static_cast<acc_t>(row[c]) + static_cast<acc_t>(b[c]));
+    for (int64_t c = 1; c < classes; ++c) {
       // argmax as torch.argmax: the first maximum, a NaN beats any number.
       const scalar_t v = row[c], m = row[best];
       if ((v > m) || (v != v && m == m)) best = c;
     }
-    if (y[i] == ignore_index) {  // neither in the loss nor in the correct count
-      std::fill(row, row + classes, scalar_t(0));
-      continue;
-    }
-    correct += best == y[i];
-    const auto st = cpu::row_stats<scalar_t, acc_t>(row, classes);
-    const acc_t log_sum = st.log_sum_exp();
-    nll_sum += neg_log_prob(static_cast<acc_t>(row[y[i]]), st.max, log_sum);
-    if (opts.smoothing) {
-      acc_t smooth = 0;
-      for (int64_t c = 0; c < classes; ++c) smooth += st.max - static_cast<acc_t>(row[c]);
-      smooth_sum += smooth + acc_t(classes) * log_sum;
-    }
-    for (int64_t c = 0; c < classes; ++c) {
-      const acc_t p = cpu::exp_acc(-neg_log_prob(static_cast<acc_t>(row[c]), st.max, log_sum));
-      const acc_t g = index_grad(p, c == y[i], acc_t(1), acc_t(classes), scales);
-      row[c] = static_cast<scalar_t>(g);
-      bias_grad[c] += g;
-    }
+    correct += y[i] != ignore_index && best == y[i];  // ignored rows count neither way
+  }
+  // The cross_entropy op's kernels, mean reduction, the logit grad written over the logits.
+  cpu::CrossEntropyArgs<scalar_t> a;
+  a.input = x;
+  a.target = y;
+  a.classes = classes;
+  a.rows = rows;
+  a.ignore_index = ignore_index;
+  a.reduction = kMean;
+  a.opts = CrossEntropyOptions<acc_t>(classes, label_smoothing);
+  a.weight_total = acc_t(classes);
+  a.target_weight_sum = weight_sum;
+  a.grad_scalar = acc_t(1);
+  a.grad_input = x;
+  std::vector<double> stats(rows * kRowStats);
+  a.stats = stats.data();
+  acc_t sums[2];
+  kernels.cross_entropy_forward(a, 0, rows, sums);
+  kernels.cross_entropy_backward(a, 0, rows);
+  std::vector<acc_t> bias_grad(classes, acc_t(0));
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t c = 0; c < classes; ++c) bias_grad[c] += static_cast<acc_t>(x[i * classes + c]);
   }
   scalar_t* gb = grad_bias.data_ptr<scalar_t>();
   for (int64_t c = 0; c < classes; ++c) gb[c] = static_cast<scalar_t>(bias_grad[c]);
-  return {index_reduced_loss(nll_sum, smooth_sum, kMean, weight_sum, opts), correct};
+  return {index_reduced_loss(sums[0], sums[1], kMean, weight_sum, a.opts), correct};
 }
 
-// param -= lr * direction(grad), updating the momentum buffer (buf is nullptr when momentum is 0).
-// The options that are fixed for the whole pass are template arguments, so that each variant is a
-// branch-free loop the compiler vectorizes; the arithmetic is row_math's.
-template <typename scalar_t, bool kDecay, bool kMomentum, bool kFirst, bool kNesterov>
-void sgd_pass(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t* __restrict__ buf, int64_t n,
-              const SgdOptions<at::opmath_type<scalar_t>>& options) {
-  using acc_t = at::opmath_type<scalar_t>;
-  SgdOptions<acc_t> o = options;
-  o.first_step = kFirst;
-  o.nesterov = kNesterov;
-  if (!kDecay) o.weight_decay = acc_t(0);
-  for (int64_t k = 0; k < n; ++k) {
-    const acc_t pk = static_cast<acc_t>(p[k]);
-    const acc_t gk = kDecay ? sgd_decayed_grad(static_cast<acc_t>(g[k]), pk, o) : static_cast<acc_t>(g[k]);
-    acc_t d = gk;
-    if constexpr (kMomentum) {
-      const acc_t b = sgd_momentum_buffer(kFirst ? acc_t(0) : static_cast<acc_t>(buf[k]), gk, o);
-      buf[k] = static_cast<scalar_t>(b);
-      d = sgd_direction(gk, b, o);
-    }
-    p[k] = static_cast<scalar_t>(sgd_param(pk, d, o));
-  }
-}
-
+// param -= lr * direction(grad), updating the momentum buffer (buffer is null when momentum is 0):
+// the dispatched SGD kernel, in parallel over elements.
 template <typename scalar_t>
 void sgd_update(const at::Tensor& param, const at::Tensor& grad, const at::Tensor* buffer,
                 const SgdOptions<at::opmath_type<scalar_t>>& o) {
   scalar_t* p = param.data_ptr<scalar_t>();
   const scalar_t* g = grad.data_ptr<scalar_t>();
   scalar_t* buf = buffer ? buffer->data_ptr<scalar_t>() : nullptr;
-  const bool decay = o.weight_decay != 0;
+  const auto& kernel = cpu::kernels<scalar_t>().sgd;
   at::parallel_for(0, param.numel(), cpu::kGrain, [&](int64_t first, int64_t last) {
-    scalar_t* pk = p + first;
-    const scalar_t* gk = g + first;
-    scalar_t* bk = buf ? buf + first : nullptr;
-    const int64_t n = last - first;
-#define MNIST_FAST_SGD(DECAY)                                                                        \
-  if (!buf) {                                                                                        \
-    sgd_pass<scalar_t, DECAY, false, false, false>(pk, gk, bk, n, o);                                \
-  } else if (o.first_step) {                                                                         \
-    if (o.nesterov) sgd_pass<scalar_t, DECAY, true, true, true>(pk, gk, bk, n, o);                   \
-    else sgd_pass<scalar_t, DECAY, true, true, false>(pk, gk, bk, n, o);                             \
-  } else {                                                                                           \
-    if (o.nesterov) sgd_pass<scalar_t, DECAY, true, false, true>(pk, gk, bk, n, o);                  \
-    else sgd_pass<scalar_t, DECAY, true, false, false>(pk, gk, bk, n, o);                            \
-  }
-    if (decay) {
-      MNIST_FAST_SGD(true)
-    } else {
-      MNIST_FAST_SGD(false)
-    }
-#undef MNIST_FAST_SGD
+    kernel(p + first, g + first, buf ? buf + first : nullptr, last - first, o);
   });
 }
 

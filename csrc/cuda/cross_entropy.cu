@@ -178,7 +178,7 @@ struct IndexForward {
   const int64_t* target;
   int64_t ignore_index;
   int64_t reduction;
-  double* lse;      // (rows,), float64 for every dtype (checks.h)
+  double* lse;      // (rows, kRowStats), float64 for every dtype (checks.h)
   scalar_t* loss;   // (rows,) for reduction 'none', else the 0-d result
 
   __host__ __device__ bool reduces() const { return reduction != kNone; }
@@ -193,8 +193,10 @@ struct IndexForward {
     acc_t nll = 0, smooth = 0;
     if (d.opts.smoothing) {  // the same for every row: the group reduction runs on ignored rows too
       acc_t part = 0;
-      for (int64_t c = g.lane; c < d.classes; c += g.lanes) part += d.w(c) * (row_max - static_cast<acc_t>(xr[c]));
-      smooth = g.sum(part) + d.total_weight() * log_sum;
+      for (int64_t c = g.lane; c < d.classes; c += g.lanes) {
+        part += d.w(c) * neg_log_prob(static_cast<acc_t>(xr[c]), row_max, log_sum);
+      }
+      smooth = g.sum(part);
     }
     if (y >= 0) {
       nll = d.w(y) * neg_log_prob(static_cast<acc_t>(xr[y]), row_max, log_sum);
@@ -202,7 +204,7 @@ struct IndexForward {
       smooth = 0;
     }
     if (g.lane == 0) {
-      lse[i] = static_cast<double>(row_max) + static_cast<double>(log_sum);
+      save_row_stats(lse + kRowStats * i, row_max, log_sum);
       if (reduction == kNone) loss[i] = static_cast<scalar_t>(index_row_loss(nll, smooth, d.opts));
     }
     sums[0] = nll;
@@ -242,7 +244,7 @@ struct ProbForward {
     }
     const acc_t row_loss = g.sum(part);
     if (g.lane == 0) {
-      lse[i] = static_cast<double>(row_max) + static_cast<double>(log_sum);
+      save_row_stats(lse + kRowStats * i, row_max, log_sum);
       if (reduction == kNone) loss[i] = static_cast<scalar_t>(row_loss);
     }
     sums[0] = row_loss;
@@ -296,14 +298,11 @@ struct IndexBackward : NoReduction {
   __device__ void row(const Rows& g, int64_t i, acc_t (&)[kSums]) const {
     const int64_t y = checked_target(target, i, d.classes, ignore_index);
     scalar_t* gr = grad_input + i * d.classes;
-    if (y < 0) {
-      for (int64_t c = g.lane; c < d.classes; c += g.lanes) gr[c] = scalar_t(0);
-      return;
-    }
     const acc_t divisor = reduction == kMean ? *target_weight_sum : acc_t(1);
-    const auto scales =
-        index_grad_scales(static_cast<acc_t>(grad_loss[i * grad_stride]), d.w(y), reduction, divisor, d.opts);
-    const SplitLogSumExp<acc_t> row_lse(lse[i]);
+    const auto scales = y < 0 ? ignored_row_grad_scales(d.opts)
+                              : index_grad_scales(static_cast<acc_t>(grad_loss[i * grad_stride]), d.w(y), reduction,
+                                                  divisor, d.opts);
+    const SavedRowStats<acc_t> row_lse(lse + kRowStats * i);
     const acc_t total = d.total_weight();
     const scalar_t* xr = d.row(i);
     for (int64_t c = g.lane; c < d.classes; c += g.lanes) {
@@ -331,7 +330,7 @@ struct ProbBackward : NoReduction {
     const scalar_t* xr = d.row(i);
     const scalar_t* tr = target + i * d.classes;
     const acc_t gi = prob_grad_scale(static_cast<acc_t>(grad_loss[i * grad_stride]), d.rows, reduction);
-    const SplitLogSumExp<acc_t> row_lse(lse[i]);
+    const SavedRowStats<acc_t> row_lse(lse + kRowStats * i);
     if (grad_input != nullptr) {  // the same for every row
       acc_t part = 0;
       for (int64_t c = g.lane; c < d.classes; c += g.lanes) {
@@ -541,7 +540,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cuda(const at::Tensor& 
   auto loss = reduction == kNone ? at::empty({rows}, input.options()) : at::empty({}, input.options());
   // Partial sums of reductions are in the accumulation type; the saved logsumexp is float64.
   const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
-  auto lse = at::empty({rows}, input.options().dtype(logsumexp_dtype(input.scalar_type())));
+  auto lse = at::empty({rows, kRowStats}, input.options().dtype(logsumexp_dtype(input.scalar_type())));
   const RowsPlan plan = plan_rows(rows, classes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "cross_entropy_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -1,0 +1,492 @@
+// The CPU kernels of kernels.h, written once with at::vec::Vectorized and compiled once per CPU
+// capability: capability_*.cpp define CPU_CAPABILITY (the namespace, as in ATen) and the
+// CPU_CAPABILITY_* macro that selects the vector width, then include this file. Do not include it
+// anywhere else.
+//
+// Vector exp/log are ATen's (Sleef on AVX2/AVX-512, libm per lane on the baseline). Reductions add
+// in a fixed order for a given capability, so results do not depend on the thread count.
+#pragma once
+
+#ifndef CPU_CAPABILITY
+#error "kernels_impl.h is compiled through capability_*.cpp only"
+#endif
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#include "kernels.h"
+
+namespace mnist_fast {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+using namespace row_math;
+
+template <typename acc_t>
+using Vec = at::vec::Vectorized<acc_t>;
+
+// ---- loads and stores of n <= L values of scalar_t as a vector of acc_t ----
+
+template <typename acc_t, typename scalar_t>
+inline Vec<acc_t> load(const scalar_t* p, int64_t n, acc_t fill = acc_t(0)) {
+  constexpr int64_t L = Vec<acc_t>::size();
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (n == L) return Vec<acc_t>::loadu(p);
+    return Vec<acc_t>::set(Vec<acc_t>(fill), Vec<acc_t>::loadu(p, n), n);
+  } else {  // bfloat16 / float16 (acc_t float)
+    if (n == L) {
+      Vec<acc_t> v;
+      at::vec::load_to_float<scalar_t>(p, v);
+      return v;
+    }
+    alignas(64) acc_t buf[L];
+    for (int64_t k = 0; k < L; ++k) buf[k] = k < n ? static_cast<acc_t>(p[k]) : fill;
+    return Vec<acc_t>::loadu(buf);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store(scalar_t* p, const Vec<acc_t>& v, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    v.store(p, n);
+  } else {  // rounded as static_cast does (round to nearest even)
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
+  }
+}
+
+// The first n lanes of v, the others zero (partial sums over a row's tail).
+template <typename acc_t>
+inline Vec<acc_t> first_lanes(const Vec<acc_t>& v, int64_t n) {
+  return n == Vec<acc_t>::size() ? v : Vec<acc_t>::set(Vec<acc_t>(0), v, n);
+}
+
+template <typename acc_t>
+inline acc_t lane_sum(const Vec<acc_t>& v) {
+  alignas(64) acc_t b[Vec<acc_t>::size()];
+  v.store(b);
+  acc_t s = 0;
+  for (int64_t k = 0; k < Vec<acc_t>::size(); ++k) s += b[k];
+  return s;
+}
+
+template <typename acc_t>
+inline acc_t lane_max(const Vec<acc_t>& v) {
+  alignas(64) acc_t b[Vec<acc_t>::size()];
+  v.store(b);
+  acc_t m = b[0];
+  for (int64_t k = 1; k < Vec<acc_t>::size(); ++k) m = nan_max(m, b[k]);
+  return m;
+}
+
+// relu (row_math::bias_relu) and its gradient (row_math::relu_grad) on vectors: NaN passes through.
+template <typename acc_t>
+inline Vec<acc_t> relu(const Vec<acc_t>& v) {
+  return Vec<acc_t>::blendv(v, Vec<acc_t>(0), v < Vec<acc_t>(0));
+}
+
+template <typename acc_t>
+inline Vec<acc_t> relu_grad(const Vec<acc_t>& grad, const Vec<acc_t>& output) {
+  return Vec<acc_t>::blendv(grad, Vec<acc_t>(0), output <= Vec<acc_t>(0));
+}
+
+// exp of the kernels' arguments x - max (- log-sum), all <= 0 or NaN. float on AVX2/AVX-512:
+// ATen's inline exp_u20 (within 20 ulp; no call, so the class loop is scheduled as one block),
+// with NaN passed through (its clamping would turn NaN into a huge number). Else Vectorized::exp
+// (Sleef u10 on AVX2/AVX-512, libm per lane on the baseline).
+template <typename acc_t>
+inline Vec<acc_t> exp_nonpositive(const Vec<acc_t>& x) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) return Vec<acc_t>::blendv(x.exp_u20(), x, x.isnan());
+#endif
+  return x.exp();
+}
+
+// p = exp(-(-log p)) from the row's max and log-sum (row_math::neg_log_prob).
+template <typename acc_t>
+inline Vec<acc_t> softmax_of(const Vec<acc_t>& x, const Vec<acc_t>& row_max, const Vec<acc_t>& log_sum) {
+  return exp_nonpositive(neg_log_prob(x, row_max, log_sum).neg());
+}
+
+// ---- cross-entropy ----
+
+template <typename scalar_t>
+struct CrossEntropyKernels {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vec<acc_t>;
+  using Args = CrossEntropyArgs<scalar_t>;
+  static constexpr int64_t L = V::size();
+
+  static acc_t weight(const Args& a, int64_t c) { return a.weight ? a.weight[c] : acc_t(1); }
+  static V weights(const Args& a, int64_t c0, int64_t n) { return a.weight ? load<acc_t>(a.weight + c0, n) : V(1); }
+  static acc_t grad_of_row(const Args& a, int64_t i) { return a.grad_rows ? a.grad_rows[i] : a.grad_scalar; }
+
+  // Gradient scales of class-index row i (row_math: a, b and the class-independent a + b W).
+  // mean_grad: a reduced loss's grad / target_weight_sum, divided once per call instead of per row.
+  static IndexGradScales<acc_t> index_scales(const Args& a, int64_t i, acc_t mean_grad) {
+    const int64_t y = a.target[i];
+    if (y == a.ignore_index) return ignored_row_grad_scales(a.opts);
+    if (!a.grad_rows && a.reduction == kMean) return index_grad_scales(mean_grad, weight(a, y), kSum, acc_t(1), a.opts);
+    return index_grad_scales(grad_of_row(a, i), weight(a, y), a.reduction, a.target_weight_sum, a.opts);
+  }
+  static acc_t mean_grad(const Args& a) { return a.grad_scalar / a.target_weight_sum; }
+
+  // -- short rows: up to L rows at once, one row per lane; column c of the block is class c --
+  struct Block {
+    alignas(64) acc_t v[kShortRow][L];
+    // Rows r < n of a (rows, classes) matrix; the lanes of missing rows repeat row n - 1.
+    void load_rows(const scalar_t* x, int64_t n, int64_t classes) {
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {  // a hardware gather per class on AVX2/AVX-512
+        using Index = at::vec::Vectorized<at::vec::int_same_size_t<acc_t>>;
+        alignas(64) at::vec::int_same_size_t<acc_t> offsets[L];
+        for (int64_t r = 0; r < L; ++r) offsets[r] = std::min(r, n - 1) * classes;
+        const Index index = Index::loadu(offsets);
+        for (int64_t c = 0; c < classes; ++c) set_column(c, at::vec::gather<sizeof(acc_t)>(x + c, index));
+      } else {
+        for (int64_t r = 0; r < L; ++r) {
+          for (int64_t c = 0; c < classes; ++c) v[c][r] = static_cast<acc_t>(x[std::min(r, n - 1) * classes + c]);
+        }
+      }
+    }
+    void store_rows(scalar_t* x, int64_t n, int64_t classes) const {
+      for (int64_t r = 0; r < n; ++r) {
+        for (int64_t c = 0; c < classes; ++c) x[r * classes + c] = static_cast<scalar_t>(v[c][r]);
+      }
+    }
+    V column(int64_t c) const { return V::loadu(v[c]); }
+    void set_column(int64_t c, const V& value) { value.store(v[c]); }
+  };
+
+  // Row stats of a block, per lane: max (NaN-propagating) and log(sum(exp(x - max))).
+  static void block_stats(const Block& x, int64_t classes, V& row_max, V& log_sum) {
+    row_max = x.column(0);
+    for (int64_t c = 1; c < classes; ++c) row_max = at::vec::maximum(row_max, x.column(c));
+    V s(0);
+    for (int64_t c = 0; c < classes; ++c) s = s + exp_nonpositive(x.column(c) - row_max);
+    log_sum = s.log();
+  }
+
+  static void forward_short(const Args& a, int64_t r0, int64_t n, acc_t* sums) {
+    const int64_t C = a.classes;
+    Block x;
+    x.load_rows(a.input + r0 * C, n, C);
+    V m, ls;
+    block_stats(x, C, m, ls);
+    alignas(64) acc_t mx[L], lsum[L], term[L];
+    m.store(mx);
+    ls.store(lsum);
+    for (int64_t r = 0; r < n; ++r) save_row_stats(a.stats + kRowStats * (r0 + r), mx[r], lsum[r]);
+    if (a.target) {
+      V smooth(0);
+      if (a.opts.smoothing) {
+        for (int64_t c = 0; c < C; ++c) smooth = smooth + V(weight(a, c)) * neg_log_prob(x.column(c), m, ls);
+      }
+      smooth.store(term);
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t y = a.target[r0 + r];
+        acc_t nll = 0, sm = 0;
+        if (y != a.ignore_index) {
+          nll = weight(a, y) * neg_log_prob(x.v[y][r], mx[r], lsum[r]);
+          sm = a.opts.smoothing ? term[r] : acc_t(0);
+        }
+        if (a.loss_rows) a.loss_rows[r0 + r] = static_cast<scalar_t>(index_row_loss(nll, sm, a.opts));
+        sums[0] += nll;
+        sums[1] += sm;
+      }
+    } else {
+      Block t;
+      t.load_rows(a.probs + r0 * C, n, C);
+      V loss(0);
+      for (int64_t c = 0; c < C; ++c) {
+        const V wt = V(weight(a, c)) * a.opts.smoothed_target(t.column(c));
+        loss = loss + prob_loss_term(neg_log_prob(x.column(c), m, ls), wt);
+      }
+      loss.store(term);
+      for (int64_t r = 0; r < n; ++r) {
+        if (a.loss_rows) a.loss_rows[r0 + r] = static_cast<scalar_t>(term[r]);
+        sums[0] += term[r];
+      }
+    }
+  }
+
+  static void backward_short(const Args& a, int64_t r0, int64_t n) {
+    const int64_t C = a.classes;
+    Block x;
+    x.load_rows(a.input + r0 * C, n, C);
+    alignas(64) acc_t mx[L] = {}, lsum[L] = {}, ga[L] = {}, gb[L] = {}, scale[L] = {}, cls[L];
+    for (int64_t r = 0; r < L; ++r) cls[r] = acc_t(-1);
+    const acc_t mean = a.target ? mean_grad(a) : acc_t(0);
+    for (int64_t r = 0; r < n; ++r) {
+      const SavedRowStats<acc_t> st(a.stats + kRowStats * (r0 + r));
+      mx[r] = st.max;
+      lsum[r] = st.log_sum;
+      if (a.target) {
+        const auto s = index_scales(a, r0 + r, mean);
+        ga[r] = s.a;
+        gb[r] = s.b;
+        scale[r] = index_grad_row_scale(a.weight_total, s);
+        if (a.target[r0 + r] != a.ignore_index) cls[r] = static_cast<acc_t>(a.target[r0 + r]);
+      } else {
+        scale[r] = prob_grad_scale(grad_of_row(a, r0 + r), a.rows, a.reduction);
+      }
+    }
+    const V m = V::loadu(mx), ls = V::loadu(lsum), g = V::loadu(scale);
+    if (a.target) {
+      const V va = V::loadu(ga), vb = V::loadu(gb), y = V::loadu(cls);
+      Block out;
+      for (int64_t c = 0; c < C; ++c) {
+        const V p = softmax_of(x.column(c), m, ls);
+        // (the class weight only enters with smoothing: not read otherwise)
+        const V grad = index_grad_class(p, g, vb, a.opts.smoothing ? V(weight(a, c)) : V(0), a.opts.smoothing);
+        out.set_column(c, V::blendv(grad, grad - va, y == V(static_cast<acc_t>(c))));
+      }
+      out.store_rows(a.grad_input + r0 * C, n, C);
+      return;
+    }
+    Block t, out;
+    t.load_rows(a.probs + r0 * C, n, C);
+    if (a.grad_input) {
+      V total(0);
+      for (int64_t c = 0; c < C; ++c) total = total + V(weight(a, c)) * a.opts.smoothed_target(t.column(c));
+      for (int64_t c = 0; c < C; ++c) {
+        const V wt = V(weight(a, c)) * a.opts.smoothed_target(t.column(c));
+        out.set_column(c, prob_input_grad(softmax_of(x.column(c), m, ls), total, wt, g));
+      }
+      out.store_rows(a.grad_input + r0 * C, n, C);
+    }
+    if (a.grad_target) {
+      for (int64_t c = 0; c < C; ++c) {
+        out.set_column(c, prob_target_grad(neg_log_prob(x.column(c), m, ls), V(weight(a, c)), g, a.opts));
+      }
+      out.store_rows(a.grad_target + r0 * C, n, C);
+    }
+  }
+
+  // -- long rows: one row at a time, vectorized along the row --
+  static void forward_long(const Args& a, int64_t i, acc_t* sums) {
+    const int64_t C = a.classes;
+    const scalar_t* x = a.input + i * C;
+    constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+    V vm(kNegInf);
+    for (int64_t c0 = 0; c0 < C; c0 += L) vm = at::vec::maximum(vm, load<acc_t>(x + c0, std::min(L, C - c0), kNegInf));
+    const acc_t mx = lane_max(vm);
+    const V m(mx);
+    V vs(0);  // the tail's fill of -inf adds exp(-inf) = 0 (or NaN where the row is NaN anyway)
+    for (int64_t c0 = 0; c0 < C; c0 += L) vs = vs + exp_nonpositive(load<acc_t>(x + c0, std::min(L, C - c0), kNegInf) - m);
+    const acc_t lsum = std::log(lane_sum(vs));
+    const V ls(lsum);
+    save_row_stats(a.stats + kRowStats * i, mx, lsum);
+    if (a.target) {
+      const int64_t y = a.target[i];
+      acc_t nll = 0, smooth = 0;
+      if (y != a.ignore_index) {
+        nll = weight(a, y) * neg_log_prob(static_cast<acc_t>(x[y]), mx, lsum);
+        if (a.opts.smoothing) {
+          V part(0);
+          for (int64_t c0 = 0; c0 < C; c0 += L) {
+            const int64_t n = std::min(L, C - c0);
+            part = part + first_lanes(weights(a, c0, n) * neg_log_prob(load<acc_t>(x + c0, n), m, ls), n);
+          }
+          smooth = lane_sum(part);
+        }
+      }
+      if (a.loss_rows) a.loss_rows[i] = static_cast<scalar_t>(index_row_loss(nll, smooth, a.opts));
+      sums[0] += nll;
+      sums[1] += smooth;
+    } else {
+      const scalar_t* t = a.probs + i * C;
+      V part(0);
+      for (int64_t c0 = 0; c0 < C; c0 += L) {
+        const int64_t n = std::min(L, C - c0);
+        const V wt = weights(a, c0, n) * a.opts.smoothed_target(load<acc_t>(t + c0, n));
+        part = part + first_lanes(prob_loss_term(neg_log_prob(load<acc_t>(x + c0, n), m, ls), wt), n);
+      }
+      const acc_t row_loss = lane_sum(part);
+      if (a.loss_rows) a.loss_rows[i] = static_cast<scalar_t>(row_loss);
+      sums[0] += row_loss;
+    }
+  }
+
+  static void backward_long(const Args& a, int64_t i) {
+    const int64_t C = a.classes;
+    const scalar_t* x = a.input + i * C;
+    const SavedRowStats<acc_t> st(a.stats + kRowStats * i);
+    const V m(st.max), ls(st.log_sum);
+    if (a.target) {
+      const auto s = index_scales(a, i, mean_grad(a));
+      const V g(index_grad_row_scale(a.weight_total, s)), vb(s.b), va(s.a);
+      const int64_t y = a.target[i] == a.ignore_index ? -1 : a.target[i];
+      scalar_t* out = a.grad_input + i * C;
+      for (int64_t c0 = 0; c0 < C; c0 += L) {
+        const int64_t n = std::min(L, C - c0);
+        V grad = index_grad_class(softmax_of(load<acc_t>(x + c0, n), m, ls), g, vb, weights(a, c0, n),
+                                  a.opts.smoothing);
+        if (y >= c0 && y < c0 + n) {
+          grad = V::blendv(grad, grad - va, V::arange(0, 1) == V(static_cast<acc_t>(y - c0)));
+        }
+        store(out + c0, grad, n);
+      }
+      return;
+    }
+    const scalar_t* t = a.probs + i * C;
+    const V g(prob_grad_scale(grad_of_row(a, i), a.rows, a.reduction));
+    if (a.grad_input) {
+      V part(0);
+      for (int64_t c0 = 0; c0 < C; c0 += L) {
+        const int64_t n = std::min(L, C - c0);
+        part = part + first_lanes(weights(a, c0, n) * a.opts.smoothed_target(load<acc_t>(t + c0, n)), n);
+      }
+      const V total(lane_sum(part));
+      for (int64_t c0 = 0; c0 < C; c0 += L) {
+        const int64_t n = std::min(L, C - c0);
+        const V wt = weights(a, c0, n) * a.opts.smoothed_target(load<acc_t>(t + c0, n));
+        store(a.grad_input + i * C + c0, prob_input_grad(softmax_of(load<acc_t>(x + c0, n), m, ls), total, wt, g), n);
+      }
+    }
+    if (a.grad_target) {
+      for (int64_t c0 = 0; c0 < C; c0 += L) {
+        const int64_t n = std::min(L, C - c0);
+        store(a.grad_target + i * C + c0,
+              prob_target_grad(neg_log_prob(load<acc_t>(x + c0, n), m, ls), weights(a, c0, n), g, a.opts), n);
+      }
+    }
+  }
+
+  static void forward(const Args& a, int64_t first, int64_t last, acc_t* sums) {
+    sums[0] = sums[1] = acc_t(0);
+    if (a.classes <= kShortRow) {
+      for (int64_t r0 = first; r0 < last; r0 += L) forward_short(a, r0, std::min(L, last - r0), sums);
+    } else {
+      for (int64_t i = first; i < last; ++i) forward_long(a, i, sums);
+    }
+  }
+
+  static void backward(const Args& a, int64_t first, int64_t last) {
+    if (a.classes <= kShortRow) {
+      for (int64_t r0 = first; r0 < last; r0 += L) backward_short(a, r0, std::min(L, last - r0));
+    } else {
+      for (int64_t i = first; i < last; ++i) backward_long(a, i);
+    }
+  }
+};
+
+// ---- linear_relu passes ----
+
+template <typename scalar_t>
+void bias_relu(scalar_t* out, const scalar_t* bias, int64_t rows, int64_t cols, bool with_relu) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t L = Vec<acc_t>::size();
+  // One loop per variant, so that none tests its options per element.
+  auto pass = [&](auto has_bias, auto has_relu) {
+    for (int64_t i = 0; i < rows; ++i) {
+      scalar_t* row = out + i * cols;
+      for (int64_t j = 0; j < cols; j += L) {
+        const int64_t n = std::min(L, cols - j);
+        Vec<acc_t> v = load<acc_t>(row + j, n);
+        if constexpr (decltype(has_bias)::value) v = v + load<acc_t>(bias + j, n);
+        if constexpr (decltype(has_relu)::value) v = relu(v);
+        store(row + j, v, n);
+      }
+    }
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (bias && with_relu) pass(yes(), yes());
+  else if (bias) pass(yes(), no());
+  else if (with_relu) pass(no(), yes());
+}
+
+template <typename scalar_t>
+void mask_grad(const MaskGradArgs<scalar_t>& a, int64_t c0, int64_t width, at::opmath_type<scalar_t>* column_sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t L = Vec<acc_t>::size();
+  constexpr int64_t kChunks = (kMaskColumns + L - 1) / L;
+  Vec<acc_t> acc[kChunks];
+  for (auto& v : acc) v = Vec<acc_t>(0);
+  alignas(64) scalar_t strided[L];
+  for (int64_t i = 0; i < a.rows; ++i) {
+    const scalar_t* g = a.grad + i * a.grad_row_stride + c0 * a.grad_col_stride;
+    const scalar_t* y = a.output + i * a.cols + c0;
+    scalar_t* p = a.grad_pre + i * a.cols + c0;
+    for (int64_t k = 0, j = 0; j < width; ++k, j += L) {
+      const int64_t n = std::min(L, width - j);
+      const scalar_t* gj = g + j * a.grad_col_stride;
+      if (a.grad_col_stride != 1) {  // e.g. the stride-0 grad of out.sum().backward()
+        for (int64_t e = 0; e < n; ++e) strided[e] = gj[e * a.grad_col_stride];
+        gj = strided;
+      }
+      const Vec<acc_t> v = relu_grad(load<acc_t>(gj, n), load<acc_t>(y + j, n));
+      store(p + j, v, n);
+      acc[k] = acc[k] + first_lanes(v, n);
+    }
+  }
+  if (!column_sums) return;
+  for (int64_t k = 0, j = 0; j < width; ++k, j += L) {
+    alignas(64) acc_t b[L];
+    acc[k].store(b);
+    for (int64_t e = 0; e < std::min(L, width - j); ++e) column_sums[j + e] = b[e];
+  }
+}
+
+// ---- SGD ----
+
+template <typename scalar_t, bool kDecay, bool kMomentum, bool kFirst, bool kNesterov>
+void sgd_pass(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t* __restrict__ buf, int64_t n,
+              const SgdOptions<at::opmath_type<scalar_t>>& options) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vec<acc_t>;
+  constexpr int64_t L = V::size();
+  SgdOptions<acc_t> o = options;
+  o.first_step = kFirst;
+  o.nesterov = kNesterov;
+  for (int64_t k = 0; k < n; k += L) {
+    const int64_t m = std::min(L, n - k);
+    const V pk = load<acc_t>(p + k, m);
+    const V gk = kDecay ? sgd_decayed_grad(load<acc_t>(g + k, m), pk, o) : load<acc_t>(g + k, m);
+    V d = gk;
+    if constexpr (kMomentum) {
+      const V b = sgd_momentum_buffer(kFirst ? V(0) : load<acc_t>(buf + k, m), gk, o);
+      store(buf + k, b, m);
+      d = sgd_direction(gk, b, o);
+    }
+    store(p + k, sgd_param(pk, d, o), m);
+  }
+}
+
+template <typename scalar_t>
+void sgd(scalar_t* p, const scalar_t* g, scalar_t* buf, int64_t n, const SgdOptions<at::opmath_type<scalar_t>>& o) {
+  // The options fixed for the whole pass are template arguments: each variant is a branch-free loop.
+  auto run = [&](auto decay) {
+    constexpr bool kDecay = decltype(decay)::value;
+    if (!buf) {
+      sgd_pass<scalar_t, kDecay, false, false, false>(p, g, buf, n, o);
+    } else if (o.first_step) {
+      if (o.nesterov) sgd_pass<scalar_t, kDecay, true, true, true>(p, g, buf, n, o);
+      else sgd_pass<scalar_t, kDecay, true, true, false>(p, g, buf, n, o);
+    } else {
+      if (o.nesterov) sgd_pass<scalar_t, kDecay, true, false, true>(p, g, buf, n, o);
+      else sgd_pass<scalar_t, kDecay, true, false, false>(p, g, buf, n, o);
+    }
+  };
+  if (o.weight_decay != 0) run(std::true_type());
+  else run(std::false_type());
+}
+
+template <typename scalar_t>
+Kernels<scalar_t> make_kernels() {
+  return {&CrossEntropyKernels<scalar_t>::forward, &CrossEntropyKernels<scalar_t>::backward, &bias_relu<scalar_t>,
+          &mask_grad<scalar_t>, &sgd<scalar_t>};
+}
+
+const KernelTable& table() {
+  static const KernelTable t{MNIST_FAST_CAPABILITY_NAME, make_kernels<float>(), make_kernels<double>(),
+                             make_kernels<c10::BFloat16>(), make_kernels<c10::Half>()};
+  return t;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace mnist_fast

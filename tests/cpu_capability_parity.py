@@ -1,0 +1,114 @@
+"""Every CPU kernel against stock PyTorch under the capability in use (run by test_cpu_capability.py
+in a child process with ATEN_CPU_CAPABILITY set): python tests/cpu_capability_parity.py EXPECTED.
+
+Exits non-zero, naming the first mismatch, if a result differs or the kernels in use are not EXPECTED.
+"""
+import copy
+import itertools
+import pathlib
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # the package as the tests see it, and conftest
+from conftest import TOL  # noqa: E402
+import mnist_fast  # noqa: E402
+from mnist_fast import _C, functional as MF  # noqa: E402
+from mnist_fast.nn import fuse  # noqa: E402
+from mnist_fast.trainer import FusedTrainer  # noqa: E402
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+# Short rows (one per vector lane) up to 32 classes, long rows (along the row) beyond; row counts
+# around the lane counts 4/8/16 and the 64-row blocks.
+SHAPES = [(0, 10), (1, 1), (1, 10), (7, 3), (17, 10), (16, 16), (33, 31), (9, 32), (5, 33), (64, 10), (70, 10),
+          (3, 1000), (2, 1001)]
+OPTIONS = [dict(), dict(reduction="sum", label_smoothing=0.2), dict(reduction="none", weighted=True),
+           dict(reduction="mean", weighted=True, label_smoothing=0.1, ignore=True),
+           dict(reduction="none", ignore=True, label_smoothing=0.3), dict(probabilities=True, reduction="sum"),
+           dict(probabilities=True, weighted=True, label_smoothing=0.1, reduction="none")]
+
+
+def close(ours, ref, dtype, what):
+    try:
+        torch.testing.assert_close(ours, ref, **TOL[dtype], equal_nan=True)
+    except AssertionError as e:
+        raise AssertionError(f"{what}: {e}") from None
+
+
+def cross_entropy_cases():
+    for dtype, (rows, classes), opt in itertools.product(DTYPES, SHAPES, OPTIONS):
+        opt = dict(opt)
+        what = f"cross_entropy {dtype} [{rows},{classes}] {opt}"
+        x = (3 * torch.randn(rows, classes)).to(dtype).requires_grad_()
+        if opt.pop("probabilities", False):
+            t = torch.softmax(torch.randn(rows, classes), 1).to(dtype).requires_grad_()
+        else:
+            t = torch.randint(0, classes, (rows,))
+            if opt.pop("ignore", False):
+                t[::3] = -100
+        if opt.pop("weighted", False):
+            opt["weight"] = (torch.rand(classes) + 0.5).to(dtype)
+        ours, ref = MF.cross_entropy(x, t, **opt), F.cross_entropy(x, t, **opt)
+        close(ours, ref, dtype, what + " loss")
+        g = torch.rand_like(ref)
+        inputs = (x, t) if t.requires_grad else (x,)
+        for a, b, name in zip(torch.autograd.grad(ours, inputs, g), torch.autograd.grad(ref, inputs, g), "xt"):
+            close(a, b, dtype, f"{what} grad {name}")
+
+
+def linear_relu_cases():
+    for dtype, (rows, fin, fout), bias, expanded in itertools.product(
+            DTYPES, [(0, 5, 3), (1, 7, 9), (17, 33, 65), (64, 784, 128), (3, 4, 130)], [True, False], [False, True]):
+        what = f"linear_relu {dtype} [{rows},{fin}->{fout}] bias={bias} expanded_grad={expanded}"
+        x = torch.randn(rows, fin).to(dtype).requires_grad_()
+        w = torch.randn(fout, fin).to(dtype).requires_grad_()
+        b = torch.randn(fout).to(dtype).requires_grad_() if bias else None
+        ours, ref = MF.linear_relu(x, w, b), torch.relu(F.linear(x, w, b))
+        close(ours, ref, dtype, what)
+        params = [p for p in (x, w, b) if p is not None]
+        g = torch.ones(()).expand_as(ref) if expanded else torch.randn_like(ref)
+        for a, c in zip(torch.autograd.grad(ours, params, g), torch.autograd.grad(ref, params, g)):
+            close(a, c, dtype, what + " grad")
+
+
+def train_step_cases():
+    configs = [dict(lr=0.05), dict(lr=0.05, momentum=0.9, weight_decay=1e-2),
+               dict(lr=0.05, momentum=0.9, nesterov=True), dict(lr=0.05, momentum=0.9, dampening=0.3)]
+    for dtype, config, smoothing in itertools.product([torch.float64, torch.float32], configs, [0.0, 0.1]):
+        what = f"train step {dtype} {config} label_smoothing={smoothing}"
+        torch.manual_seed(0)
+        ref = nn.Sequential(nn.Linear(20, 33), nn.ReLU(), nn.Linear(33, 10)).to(dtype)
+        model = fuse(copy.deepcopy(ref))
+        opt = torch.optim.SGD(ref.parameters(), **config)
+        trainer = FusedTrainer(model, label_smoothing=smoothing, **config)
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=smoothing)
+        for n in (16, 7, 16):
+            x, y = torch.randn(n, 20, dtype=dtype), torch.randint(0, 10, (n,))
+            y[::5] = -100
+            loss = loss_fn(ref(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            ours, _ = trainer.step(x, y)
+            tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ours, loss.detach(), **tol, msg=lambda m: f"{what} loss: {m}")
+        for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{what} {k}: {m}")
+
+
+def main(expected):
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    in_use = _C.cpu_capability()
+    assert in_use == expected, f"kernels in use: {in_use}, expected {expected}"
+    cross_entropy_cases()
+    linear_relu_cases()
+    train_step_cases()
+    print(f"cpu kernels '{in_use}': cross_entropy, linear_relu and train step match stock")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
