@@ -14,7 +14,7 @@ from torch import nn
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # the package as the tests see it, and conftest
-from conftest import TOL  # noqa: E402
+from helpers import TOL  # noqa: E402
 import mnist_fast  # noqa: E402
 from mnist_fast import _C, functional as MF  # noqa: E402
 from mnist_fast.nn import fuse  # noqa: E402

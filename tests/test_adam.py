@@ -9,7 +9,7 @@ from torch.library import opcheck
 from mnist_fast.nn import fuse
 from mnist_fast.trainer import FusedTrainer
 
-from conftest import TOL
+from helpers import TOL
 
 
 def stock_mlp(sizes=(784, 32, 16, 10)):
@@ -97,11 +97,18 @@ def test_update_matches_stock_on_the_same_gradients(optimizer, config, dtype):
         stock.step()
         torch.ops.mnist_fast.adam_update(params, grads, m, v, step, defaults["lr"], *defaults["betas"],
                                          defaults["eps"], defaults["weight_decay"], optimizer == "adamw")
+    # Within a few roundings of each tensor's scale: ATen's kernels run with FMA (its AVX2 build),
+    # ours as the compiler contracts them for the baseline ISA, so an element that cancels to near 0
+    # (p - step) can differ by a few ulps of the operands, not of the result.
+    def close(actual, expected):
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(actual, expected, rtol=4 * eps, atol=4 * eps * expected.abs().max().item())
+
     for p, r in zip(params, ref):
-        torch.testing.assert_close(p, r.detach(), rtol=4 * torch.finfo(dtype).eps, atol=0)
+        close(p, r.detach())
     for k, p in enumerate(ref):
-        torch.testing.assert_close(m[k], stock.state[p]["exp_avg"], rtol=4 * torch.finfo(dtype).eps, atol=0)
-        torch.testing.assert_close(v[k], stock.state[p]["exp_avg_sq"], rtol=4 * torch.finfo(dtype).eps, atol=0)
+        close(m[k], stock.state[p]["exp_avg"])
+        close(v[k], stock.state[p]["exp_avg_sq"])
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])

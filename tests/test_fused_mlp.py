@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.library import opcheck
 
 from mnist_fast import functional as MF
-from conftest import LOW_PRECISION, TOL
+from helpers import LOW_PRECISION, TOL
 
 op = torch.ops.mnist_fast
 

@@ -10,7 +10,7 @@ from mnist_fast import data as mnist_data
 from mnist_fast import train
 from mnist_fast.trainer import FusedTrainer
 
-from conftest import TOL
+from helpers import TOL
 
 SIZES = (784, 32, 16, 10)
 CONFIGS = [
