@@ -1,3 +1,10 @@
+import os
+import tempfile
+
+# A fresh inductor cache per run: the FX graph cache does not key on our ops' fake kernels, so a
+# cache written by an older build of mnist_fast (another saved-stats shape) would replay stale graphs.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="mnist_fast_inductor_"))
+
 import pytest
 import torch
 

@@ -192,11 +192,11 @@ def test_forward_over_reverse_raises():
     y = MF.linear_relu(x, w, b)
     with fwAD.dual_level():
         with pytest.raises(RuntimeError, match="forward-mode AD through the backward of linear_relu"):
-            torch.ops.mnist_fast.linear_relu_backward(fwAD.make_dual(torch.ones_like(y), torch.ones_like(y)), x, w, y,
+            torch.ops.mnist_fast._linear_relu_backward(fwAD.make_dual(torch.ones_like(y), torch.ones_like(y)), x, w, y,
                                                       [True, True, True])
         lse = torch.logsumexp(x, 1)
         with pytest.raises(RuntimeError, match="forward-mode AD through the backward of cross_entropy"):
-            torch.ops.mnist_fast.cross_entropy_backward(torch.ones((), dtype=D), fwAD.make_dual(x, torch.ones_like(x)),
+            torch.ops.mnist_fast._cross_entropy_backward(torch.ones((), dtype=D), fwAD.make_dual(x, torch.ones_like(x)),
                                                         t, None, lse, 1, -100, 0.0, [True, False])
 
 
