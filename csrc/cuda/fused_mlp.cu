@@ -4,7 +4,7 @@
 #include <torch/library.h>
 
 #include "../fused_mlp_impl.h"
-#include "linear_relu_kernels.h"
+#include "kernels.cuh"
 
 namespace mnist_fast {
 namespace {

@@ -194,20 +194,3 @@ TORCH_LIBRARY_IMPL(mnist_fast, CUDA, m) {
 }
 
 }  // namespace mnist_fast
-
-// ---- the two passes, for the other CUDA ops built from them (linear_relu_kernels.h) ----
-#include "linear_relu_kernels.h"
-
-namespace mnist_fast {
-namespace cuda {
-
-void bias_relu_inplace(at::Tensor& out, const std::optional<at::Tensor>& bias) {
-  mnist_fast::bias_relu_inplace(out, bias);
-}
-
-void mask_grad(const at::Tensor& grad_output, const at::Tensor& output, at::Tensor& grad_pre, at::Tensor& grad_bias) {
-  mnist_fast::mask_grad(grad_output, output, grad_pre, grad_bias);
-}
-
-}  // namespace cuda
-}  // namespace mnist_fast
