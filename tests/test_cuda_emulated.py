@@ -314,11 +314,11 @@ def _step_case(emu, sizes, rows, dtype, sgd, steps=2, ignore_some=False, ignore_
     assert emu.asserts() == 0, what
     (got, p_got, b_got, ws_got), (want, p_want, b_want, ws_want) = states["emu"], states["cpu"]
     for (loss_got, correct_got), (loss_want, correct_want) in zip(got, want):
-        _close(loss_got, loss_want, dtype, "loss " + what)
+        assert_close(loss_got, loss_want, dtype, "loss " + what)
         assert correct_got == correct_want, what
     for name, a_list, b_list in (("param", p_got, p_want), ("buffer", b_got, b_want), ("workspace", ws_got, ws_want)):
         for i, (a, b) in enumerate(zip(a_list, b_list)):
-            _close(a, b, dtype, f"{name} {i} " + what)
+            assert_close(a, b, dtype, f"{name} {i} " + what)
 
 
 SGD_OPTIONS = [(0.1, 0.0, 0.0, 0.0, False), (0.1, 0.9, 0.0, 1e-2, False), (0.05, 0.9, 0.0, 0.0, True),
