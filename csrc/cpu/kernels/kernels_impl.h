@@ -111,6 +111,57 @@ inline Vec<acc_t> softmax_of(const Vec<acc_t>& x, const Vec<acc_t>& row_max, con
   return exp_nonpositive(neg_log_prob(x, row_max, log_sum).neg());
 }
 
+// ---- transposes between n <= L rows of C <= kShortRow values (row-major, contiguous) and
+// C columns of L lanes (column c at cols + c * L) ----
+
+template <typename acc_t>
+inline void rows_to_columns(const acc_t* rows, int64_t n, int64_t C, acc_t* cols) {
+  constexpr int64_t L = Vec<acc_t>::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {  // a hardware gather per class (faster here than transposes)
+    using Index = at::vec::Vectorized<int32_t>;
+    const Index index = at::vec::minimum(Index::arange(0, 1), Index(static_cast<int32_t>(n - 1))) *
+                        Index(static_cast<int32_t>(C));
+    for (int64_t c = 0; c < C; ++c) at::vec::gather<sizeof(float)>(rows + c, index).store(cols + c * L);
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (n == L) {  // 8x8 register transposes, then the last C % 8 classes one by one
+      int64_t c0 = 0;
+      for (; c0 + L <= C; c0 += L) at::vec::transpose_mxn<float, 8, 8>(rows + c0, C, cols + c0 * L, L);
+      for (int64_t c = c0; c < C; ++c) {
+        for (int64_t r = 0; r < n; ++r) cols[c * L + r] = rows[r * C + c];
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t c = 0; c < C; ++c) cols[c * L + r] = rows[r * C + c];
+  }
+}
+
+template <typename acc_t>
+inline void columns_to_rows(const acc_t* cols, int64_t n, int64_t C, acc_t* rows) {
+  constexpr int64_t L = Vec<acc_t>::size();
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (n == L) {
+      int64_t c0 = 0;
+      for (; c0 + L <= C; c0 += L) at::vec::transpose_mxn<float, 8, 8>(cols + c0 * L, L, rows + c0, C);
+      for (int64_t c = c0; c < C; ++c) {
+        for (int64_t r = 0; r < n; ++r) rows[r * C + c] = cols[c * L + r];
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t c = 0; c < C; ++c) rows[r * C + c] = cols[c * L + r];
+  }
+}
+
 // ---- cross-entropy ----
 
 template <typename scalar_t>
@@ -139,21 +190,24 @@ struct CrossEntropyKernels {
     alignas(64) acc_t v[kShortRow][L];
     // Rows r < n of a (rows, classes) matrix; the lanes of missing rows repeat row n - 1.
     void load_rows(const scalar_t* x, int64_t n, int64_t classes) {
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {  // a hardware gather per class on AVX2/AVX-512
-        using Index = at::vec::Vectorized<at::vec::int_same_size_t<acc_t>>;
-        alignas(64) at::vec::int_same_size_t<acc_t> offsets[L];
-        for (int64_t r = 0; r < L; ++r) offsets[r] = std::min(r, n - 1) * classes;
-        const Index index = Index::loadu(offsets);
-        for (int64_t c = 0; c < classes; ++c) set_column(c, at::vec::gather<sizeof(acc_t)>(x + c, index));
-      } else {
-        for (int64_t r = 0; r < L; ++r) {
-          for (int64_t c = 0; c < classes; ++c) v[c][r] = static_cast<acc_t>(x[std::min(r, n - 1) * classes + c]);
-        }
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        rows_to_columns(x, n, classes, &v[0][0]);
+      } else {  // bfloat16 / float16: converted as contiguous vectors first
+        alignas(64) acc_t flat[kShortRow * L];
+        for (int64_t k = 0; k < n * classes; k += L) load<acc_t>(x + k, std::min(L, n * classes - k)).store(flat + k);
+        rows_to_columns(flat, n, classes, &v[0][0]);
+      }
+      for (int64_t c = 0; c < classes; ++c) {
+        for (int64_t r = n; r < L; ++r) v[c][r] = v[c][n - 1];
       }
     }
     void store_rows(scalar_t* x, int64_t n, int64_t classes) const {
-      for (int64_t r = 0; r < n; ++r) {
-        for (int64_t c = 0; c < classes; ++c) x[r * classes + c] = static_cast<scalar_t>(v[c][r]);
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        columns_to_rows(&v[0][0], n, classes, x);
+      } else {
+        alignas(64) acc_t flat[kShortRow * L];
+        columns_to_rows(&v[0][0], n, classes, flat);
+        for (int64_t k = 0; k < n * classes; k += L) store(x + k, V::loadu(flat + k), std::min(L, n * classes - k));
       }
     }
     V column(int64_t c) const { return V::loadu(v[c]); }
