@@ -67,10 +67,12 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->mark_non_differentiable({lse});
+    ctx->set_materialize_grads(false);  // lse gets no grad: no zero-filled tensor for it
     return {loss, lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(6);
     const auto saved = ctx->get_saved_variables();
     TORCH_CHECK(!(saved[2].defined() && ctx->needs_input_grad(2)),
                 "mnist_fast.cross_entropy: the gradient with respect to weight is not implemented");

@@ -48,12 +48,15 @@ def cross_entropy(
     """
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
-    if reduction not in _REDUCTIONS:
+    code = _REDUCTIONS.get(reduction)
+    if code is None:
         raise ValueError(f"{reduction} is not a valid value for reduction")
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         raise TypeError("cross_entropy: input and target must be tensors")
-    code = _REDUCTIONS[reduction]
-    if input.dim() == 0:
+    ndim = input.dim()
+    if ndim == 2 and target.dim() == 1:  # the training loop's case, first: (N, C) logits, (N,) class indices
+        return _loss_2d(input, target, weight, code, ignore_index, label_smoothing)
+    if ndim == 0:
         raise ValueError("cross_entropy: expected input with at least 1 dimension (C,), (N, C) or (N, C, d1, ...), "
                          "got a 0-d tensor")
     probabilities = target.shape == input.shape and input.dim() > 0

@@ -52,14 +52,9 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
     """nn.CrossEntropyLoss with the fused log-softmax+NLL op. Arguments as nn.CrossEntropyLoss."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return MF.cross_entropy(
-            input,
-            target,
-            weight=self.weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
-        )
+        # (positional: keyword arguments cost a measurable share of a batch-64 loss)
+        return MF.cross_entropy(input, target, self.weight, None, self.ignore_index, None, self.reduction,
+                                self.label_smoothing)
 
 
 # ---- FusedMLP ----
