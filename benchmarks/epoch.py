@@ -12,7 +12,8 @@ Rows (one epoch: draw the shuffle, gather every batch, train on it):
   JAX lax.scan      the whole epoch as one jax.jit'ed lax.scan, shuffle and gather inside, same init
                     ranges (U(+-1/sqrt(fan_in))) and recipe; only when jax imports, in this
                     interpreter or in the one given by --jax-python (a worker process that
-                    runs one epoch per round, so it is interleaved with the others too)
+                    runs one epoch per round, so it is interleaved with the others too; XLA is
+                    held to one thread with --threads 1 and left to its default, every core, else)
 
 Data: real MNIST when mnist_fast.data finds it (no download), else 60000 synthetic images.
 Clock: 'process' (default) is the CPU time of the whole process (time.process_time): with
@@ -108,9 +109,10 @@ def jax_worker(data_file, batch, clock):
 
 
 class JaxWorker:
-    def __init__(self, python, data_file, batch, clock):
-        env = dict(os.environ, XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
-                   JAX_PLATFORMS="cpu")
+    def __init__(self, python, data_file, batch, clock, threads):
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        if threads == 1:  # else XLA's own default: every core
+            env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         self.proc = subprocess.Popen([python, os.path.abspath(__file__), "--jax-worker", data_file,
                                       "--batch", str(batch), "--clock", clock],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -134,8 +136,8 @@ def torch_contenders(images, labels, batch):
     from torch import nn
 
     from mnist_fast import data as mnist_data
-    from mnist_fast.bench import make_step_gemms, stock_mnist_net
-    from mnist_fast.models import MNISTNet
+    from benchmarks.cases import make_step_gemms
+    from mnist_fast.models import MNISTNet, stock_mlp
     from mnist_fast.trainer import FusedTrainer
 
     split = mnist_data.Split(images, labels)
@@ -149,9 +151,8 @@ def torch_contenders(images, labels, batch):
             return batches
         return next_epoch
 
-    torch.manual_seed(0)
-    fused = MNISTNet()
-    stock = stock_mnist_net(fused)
+    torch.manual_seed(0)  # the initial weights of the MNISTNet of trainer_epochs
+    stock = nn.Sequential(nn.Flatten(), *stock_mlp())
     opt = torch.optim.SGD(stock.parameters(), lr=LR, momentum=MOMENTUM)
     loss_fn = nn.CrossEntropyLoss()
     stock_epochs = epochs()
@@ -250,7 +251,7 @@ def main(argv=None):
         if python is not None:
             data_file = os.path.join(tempfile.mkdtemp(), "mnist.npz")
             np.savez(data_file, images=raw.numpy(), labels=labels.numpy())
-            jax = JaxWorker(python, data_file, args.batch, args.clock)
+            jax = JaxWorker(python, data_file, args.batch, args.clock, torch.get_num_threads())
 
     timer = CLOCKS[args.clock]
     names = list(fns) + (["JAX lax.scan"] if jax else [])

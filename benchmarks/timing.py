@@ -103,6 +103,7 @@ def machine_info() -> dict:
         "cpu_model": cpu,
         "cpu_count": os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mnist_fast_cpu_capability": mnist_fast._C.cpu_capability(),
         "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY"),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),

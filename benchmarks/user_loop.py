@@ -84,15 +84,28 @@ def _round(step, steps):
     return (time.perf_counter() - wall) / steps, (time.thread_time() - cpu) / steps
 
 
-def measure(name, batch, rounds, steps, warmup):
-    make_model, make_loss, target = CASES[name]
+def make_steps(name, batch):
+    """(stock step, fused step, name of the fused model's class): one training step each of the case's
+    model and loss, stock and after the one fuse() line, on the same 4 batches in turn."""
+    make_model, make_loss, _ = CASES[name]
     torch.manual_seed(0)
     stock_model, stock_loss = make_model(), make_loss()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every form here must fuse completely
         fused_model, fused_loss = mnist_fast.fuse(copy.deepcopy(stock_model)), mnist_fast.fuse(make_loss())
     batches = [(torch.randn(batch, 784), torch.randint(0, 10, (batch,))) for _ in range(4)]
-    loops = {"stock": _loop(stock_model, stock_loss, batches), "fused": _loop(fused_model, fused_loss, batches)}
+    return (_loop(stock_model, stock_loss, batches), _loop(fused_model, fused_loss, batches),
+            type(fused_model).__name__)
+
+
+def target_speedup(name, batch):
+    return CASES[name][2] if batch == 64 else 1.0
+
+
+def measure(name, batch, rounds, steps, warmup):
+    stock_step, fused_step, fused_model = make_steps(name, batch)
+    target = target_speedup(name, batch)
+    loops = {"stock": stock_step, "fused": fused_step}
     for step in loops.values():
         for _ in range(warmup):
             step()
@@ -105,11 +118,11 @@ def measure(name, batch, rounds, steps, warmup):
             times[k][1].append(cpu)
     med = {k: (statistics.median(w), statistics.median(c)) for k, (w, c) in times.items()}
     return {
-        "case": name, "batch": batch, "target_speedup": target if batch == 64 else 1.0,
+        "case": name, "batch": batch, "target_speedup": target,
         "stock_us": med["stock"][0] * 1e6, "fused_us": med["fused"][0] * 1e6,
         "stock_cpu_us": med["stock"][1] * 1e6, "fused_cpu_us": med["fused"][1] * 1e6,
         "speedup": med["stock"][0] / med["fused"][0], "speedup_cpu": med["stock"][1] / med["fused"][1],
-        "fused_model": type(fused_model).__name__,
+        "fused_model": fused_model,
     }
 
 

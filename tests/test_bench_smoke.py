@@ -14,7 +14,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_report_quick_writes_json_and_png(tmp_path, capsys):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     report.main(["--quick", "--batch-sizes", "64", "--repeats", "2", "--block-ms", "0.5", "--epoch-samples", "128",
-                "--pipeline-samples", "0", "--threads", "1", "--silent",
+                "--pipeline-samples", "0", "--threads", "1", "--silent", "--epoch-threads", "1",
+                "--epoch-batches", "64", "--epoch-rounds", "1",
                 "--out-json", str(out_json), "--out-png", str(out_png)])
     table = capsys.readouterr().out
     assert "| benchmark | shape | dtype | ours | stock | speedup | p10–p90 | notes |" in table
@@ -23,7 +24,13 @@ def test_report_quick_writes_json_and_png(tmp_path, capsys):
     result = json.loads(out_json.read_text())
     assert {"cpu_model", "torch_threads", "torch_version", "cpu_capability"} <= set(result["machine"])
     assert result["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert f"CPU capability {result['machine']['cpu_capability']}" in table
+    assert f"ATen's kernels {result['machine']['cpu_capability']}" in table
+    import mnist_fast
+    assert f"mnist_fast's {mnist_fast._C.cpu_capability()}" in table
+    assert "user loop, fuse() | Sequential logits + CrossEntropyLoss, batch 64" in table
+    (epoch,) = result["epochs"]
+    assert (epoch["threads"], epoch["batch"]) == (1, 64) and epoch["median_s"]["fit_epoch"] > 0
+    assert "| 1 | 64 |" in table
     assert result["machine"]["torch_threads"] == 1
     for row in result["rows"]:
         assert row["impls"]["ours"]["median_s"] > 0 and row["impls"]["stock"]["median_s"] > 0
