@@ -268,3 +268,34 @@ def test_empty_batch_with_a_huge_class_count_is_like_stock(device, reduction, pr
     torch.testing.assert_close(ours, ref, equal_nan=True)
     grad, = torch.autograd.grad(ours.sum(), x)
     assert grad.shape == x.shape
+
+
+def test_backward_node_follows_autograd_rules():
+    """The loss's grad_fn is a plain autograd node: it checks its saved tensors' versions, frees
+    them after backward unless retain_graph, and gives no grad to what does not ask for one."""
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 3, 1, 1, 2])
+    loss = MF.cross_entropy(x, y)
+    assert loss.grad_fn.name() == "CrossEntropyBackward"
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()  # retained: a second backward adds the same gradient again
+    torch.testing.assert_close(x.grad, 2 * first)
+    with pytest.raises(RuntimeError, match="freed|second time"):
+        loss.backward()
+    # an in-place change of the saved logits is caught, as for stock ops
+    z = x.detach().clone().requires_grad_()
+    w = z * 1.0
+    loss = MF.cross_entropy(w, y)
+    with torch.no_grad():
+        w.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    # probability targets that require grad get theirs; grad() of the input alone leaves them alone
+    t = torch.softmax(torch.randn(5, 4, dtype=torch.float64), 1).requires_grad_()
+    loss = MF.cross_entropy(x, t)
+    (gx,) = torch.autograd.grad(loss, x, retain_graph=True)
+    torch.testing.assert_close(gx, torch.autograd.grad(F.cross_entropy(x, t), x)[0])
+    assert t.grad is None
+    loss.backward()
+    torch.testing.assert_close(t.grad, torch.autograd.grad(F.cross_entropy(x, t), t)[0])
