@@ -5,8 +5,8 @@
 // the per-row logsumexp (not the log-softmax). The backward ops are registered ops of their own, so
 // torch.compile sees only registered ops.
 //
-// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is handled here too: a C++ autograd
-// Function has no jvp, and the no-graph fast path would drop a tangent silently.
+// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is handled here too: a hand-built
+// node has no jvp, and the no-graph fast path would drop a tangent silently.
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/ones_like.h>
@@ -25,43 +25,48 @@
 namespace mnist_fast {
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// An absent optional tensor has no autograd edge: needs_input_grad(i) counts given tensors only.
-// bias and weight are the last tensor arguments, so the edges before them never shift.
-bool present(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined();
+// The backward nodes are plain torch::autograd::Nodes with SavedVariables, as PyTorch's generated
+// nodes are: at batch 64 the bookkeeping of a torch::autograd::Function (CppNode: its context, the
+// saved_data map, output wrapping) is a measurable share of a whole cross-entropy forward+backward.
+using torch::autograd::SavedVariable;
+
+// Builds node, its edges to `inputs` (an undefined tensor gets an invalid edge: no grad asked) and
+// makes it the grad_fn of output.
+template <typename NodeT>
+void attach(const c10::intrusive_ptr<NodeT>& node, const variable_list& inputs, const at::Tensor& output) {
+  node->set_next_edges(torch::autograd::collect_next_edges(inputs));
+  torch::autograd::set_history(output, node);
 }
 
+struct LinearReLUBackward : public torch::autograd::Node {
+  // next edges: 0 input, 1 weight, 2 bias (invalid when absent)
+  SavedVariable input, weight, output;
 
-class LinearReLUFunction : public torch::autograd::Function<LinearReLUFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto output = linear_relu(input, weight, bias);
-    ctx->save_for_backward({input, weight, output});
-    ctx->saved_data["has_bias"] = present(bias);
-    return output;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(num_outputs());
+    if (!grads[0].defined()) return out;
+    const auto self = getptr();
     auto [grad_input, grad_weight, grad_bias] = linear_relu_backward(
-        grads[0], saved[0], saved[1], saved[2],
-        {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-         ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)});
-    return {grad_input, grad_weight, grad_bias};
+        grads[0], input.unpack(self), weight.unpack(self), output.unpack(self),
+        {task_should_compute_output(0), task_should_compute_output(1), task_should_compute_output(2)});
+    out[0] = std::move(grad_input);
+    out[1] = std::move(grad_weight);
+    out[2] = std::move(grad_bias);
+    return out;
+  }
+  std::string name() const override { return "LinearReLUBackward"; }
+  void release_variables() override {
+    input.reset_data();
+    weight.reset_data();
+    output.reset_data();
   }
 };
 
-// cross_entropy's backward node is a plain torch::autograd::Node with SavedVariables, as PyTorch's
-// generated nodes are: at batch 64 the bookkeeping of a torch::autograd::Function (CppNode: context,
-// saved_data map, output wrapping) is a measurable share of the whole loss's forward+backward.
 struct CrossEntropyBackward : public torch::autograd::Node {
   // next edges: 0 input, 1 target (probabilities that require grad), 2 weight (when given)
-  torch::autograd::SavedVariable input, target, weight, stats;
+  SavedVariable input, target, weight, stats;
   bool has_weight = false;
   int64_t reduction = 0, ignore_index = 0;
   double label_smoothing = 0.0;
@@ -161,7 +166,16 @@ at::Tensor linear_relu_autograd(const at::Tensor& input, const at::Tensor& weigh
     at::AutoDispatchBelowADInplaceOrView guard;
     return linear_relu(input, weight, bias);
   }
-  return LinearReLUFunction::apply(input, weight, bias);
+  auto output = [&] {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return linear_relu(input, weight, bias);
+  }();
+  auto node = c10::make_intrusive<LinearReLUBackward>();
+  attach(node, {input, weight, bias.value_or(at::Tensor())}, output);
+  node->input = SavedVariable(input, /*is_output=*/false);
+  node->weight = SavedVariable(weight, false);
+  node->output = SavedVariable(output, true);  // after attach: saved as this node's own output
+  return output;
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_autograd(const at::Tensor& input, const at::Tensor& target,
@@ -226,16 +240,15 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_autograd(const at::Tens
   }();
   const at::Tensor w = weight.value_or(at::Tensor());
   auto node = c10::make_intrusive<CrossEntropyBackward>();
-  node->set_next_edges(torch::autograd::collect_next_edges(input, target, w));
-  node->input = torch::autograd::SavedVariable(input, /*is_output=*/false);
-  node->target = torch::autograd::SavedVariable(target, false);
-  node->weight = torch::autograd::SavedVariable(w, false);
-  node->stats = torch::autograd::SavedVariable(stats, false);  // no history: not differentiable
+  attach(node, {input, target, w}, loss);
+  node->input = SavedVariable(input, /*is_output=*/false);
+  node->target = SavedVariable(target, false);
+  node->weight = SavedVariable(w, false);
+  node->stats = SavedVariable(stats, false);  // no history: not differentiable
   node->has_weight = w.defined();
   node->reduction = reduction;
   node->ignore_index = ignore_index;
   node->label_smoothing = label_smoothing;
-  torch::autograd::set_history(loss, node);
   return {loss, stats};
 }
 
@@ -312,63 +325,45 @@ void forbid_forward_ad(const at::Tensor& input, at::TensorList weights, const Op
               "supported; run the stock layers for it (mnist_fast.nn.unfuse(model))");
 }
 
-class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
- public:
-  // present_biases: the biases that exist, as tensors, so that each gets an autograd edge; biases
-  // (every layer's entry, None included) is what the op takes.
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, at::TensorList weights,
-                               at::TensorList present_biases, const OptionalTensorList& biases, bool log_softmax) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [output, hidden] = fused_mlp_forward(input, weights, biases, log_softmax);
-    variable_list saved{input};
-    saved.insert(saved.end(), weights.begin(), weights.end());
-    saved.insert(saved.end(), hidden.begin(), hidden.end());
-    if (log_softmax) saved.push_back(output);
-    ctx->save_for_backward(saved);
-    c10::List<bool> has_bias;
-    for (size_t l = 0; l < biases.size(); ++l) has_bias.push_back(biases.get(l).has_value());
-    ctx->saved_data["has_bias"] = has_bias;
-    ctx->saved_data["log_softmax"] = log_softmax;
-    ctx->mark_non_differentiable(hidden);
-    ctx->set_materialize_grads(false);  // no zero-filled grads for the hidden outputs, which have none
-    variable_list outputs{output};
-    outputs.insert(outputs.end(), hidden.begin(), hidden.end());
-    return outputs;
-  }
+struct FusedMLPBackward : public torch::autograd::Node {
+  // next edges: input, every weight, then the biases that exist, in layer order
+  SavedVariable input, output;  // output: saved only after a final log-softmax
+  std::vector<SavedVariable> weights, hidden;
+  std::vector<bool> has_bias;
+  bool has_output = false;
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const auto has_bias = ctx->saved_data["has_bias"].toBoolList();
-    const bool log_softmax = ctx->saved_data["log_softmax"].toBool();
-    const size_t layers = has_bias.size();
-    // One result per forward argument: input, the weights, the present biases, biases, log_softmax.
-    variable_list result;
-    if (!grads[0].defined()) {  // the output took no part in what is differentiated
-      result.resize(1 + layers + std::count(has_bias.begin(), has_bias.end(), true) + 2);
-      return result;
-    }
-    const at::TensorList weights(saved.data() + 1, layers);
-    const at::TensorList hidden(saved.data() + 1 + layers, layers - 1);
-    std::optional<at::Tensor> output;
-    if (log_softmax) output = saved.back();
-    // Edges: input, every weight, then the biases that exist, in layer order.
-    c10::List<bool> mask({ctx->needs_input_grad(0)});
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(num_outputs());
+    if (!grads[0].defined()) return out;  // the output took no part in what is differentiated
+    const auto self = getptr();
+    const size_t layers = weights.size();
+    std::vector<at::Tensor> w, h;
+    for (const auto& v : weights) w.push_back(v.unpack(self));
+    for (const auto& v : hidden) h.push_back(v.unpack(self));
+    std::optional<at::Tensor> y;
+    if (has_output) y = output.unpack(self);
+    c10::List<bool> mask({task_should_compute_output(0)});
     size_t edge = 1 + layers;
     for (size_t l = 0; l < layers; ++l) {
-      mask.push_back(ctx->needs_input_grad(1 + l));
-      mask.push_back(has_bias.get(l) && ctx->needs_input_grad(edge));
-      edge += has_bias.get(l);
+      mask.push_back(task_should_compute_output(1 + l));
+      mask.push_back(has_bias[l] && task_should_compute_output(edge));
+      edge += has_bias[l];
     }
-    auto [grad_input, grad_weights, grad_biases] =
-        fused_mlp_backward(grads[0], saved[0], weights, hidden, output, mask);
-    result.push_back(grad_input);
-    for (size_t l = 0; l < layers; ++l) result.push_back(grad_weights.get(l).value_or(at::Tensor()));
+    auto [grad_input, grad_weights, grad_biases] = fused_mlp_backward(grads[0], input.unpack(self), w, h, y, mask);
+    out[0] = std::move(grad_input);
+    edge = 1 + layers;
     for (size_t l = 0; l < layers; ++l) {
-      if (has_bias.get(l)) result.push_back(grad_biases.get(l).value_or(at::Tensor()));
+      out[1 + l] = grad_weights.get(l).value_or(at::Tensor());
+      if (has_bias[l]) out[edge++] = grad_biases.get(l).value_or(at::Tensor());
     }
-    result.push_back(at::Tensor());
-    result.push_back(at::Tensor());
-    return result;
+    return out;
+  }
+  std::string name() const override { return "FusedMLPBackward"; }
+  void release_variables() override {
+    input.reset_data();
+    output.reset_data();
+    for (auto& v : weights) v.reset_data();
+    for (auto& v : hidden) v.reset_data();
   }
 };
 
@@ -389,10 +384,24 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_mlp_forward_autograd(const
     at::AutoDispatchBelowADInplaceOrView guard;
     return fused_mlp_forward(input, weights, biases, log_softmax);
   }
-  auto out = FusedMLPFunction::apply(input, weights, at::TensorList(present_biases), biases, log_softmax);
-  at::Tensor output = out[0];
-  out.erase(out.begin());
-  return {output, std::move(out)};
+  auto [output, hidden] = [&] {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return fused_mlp_forward(input, weights, biases, log_softmax);
+  }();
+  auto node = c10::make_intrusive<FusedMLPBackward>();
+  variable_list edges{input};
+  edges.insert(edges.end(), weights.begin(), weights.end());
+  edges.insert(edges.end(), present_biases.begin(), present_biases.end());
+  attach(node, edges, output);  // the hidden outputs get no history: they are not differentiable
+  node->input = SavedVariable(input, /*is_output=*/false);
+  for (const auto& w : weights) node->weights.emplace_back(w, false);
+  for (const auto& h : hidden) node->hidden.emplace_back(h, false);
+  for (size_t l = 0; l < biases.size(); ++l) node->has_bias.push_back(biases.get(l).has_value() && biases.get(l)->defined());
+  if (log_softmax) {
+    node->output = SavedVariable(output, true);
+    node->has_output = true;
+  }
+  return {output, std::move(hidden)};
 }
 
 std::tuple<at::Tensor, OptionalTensorList, OptionalTensorList> fused_mlp_backward_autograd(

@@ -154,3 +154,20 @@ def test_mixed_devices_raise():
         pytest.skip("needs a CUDA device to mix devices")
     with pytest.raises(RuntimeError, match="same device"):
         MF.linear_relu(torch.randn(3, 5), torch.randn(4, 5, device="cuda"))
+
+
+def test_backward_node_checks_its_saved_output():
+    """linear_relu saves its own output for backward (the ReLU mask): changing it in place
+    afterwards is caught, as for torch.relu; retain_graph keeps it for a second backward."""
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    out = MF.linear_relu(x, w, None)
+    assert out.grad_fn.name() == "LinearReLUBackward"
+    out.sum().backward(retain_graph=True)
+    out.sum().backward()
+    torch.testing.assert_close(w.grad, 2 * torch.autograd.grad(torch.relu(x @ w.t()).sum(), w)[0])
+    out = MF.linear_relu(x, w, None)
+    with torch.no_grad():
+        out.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
