@@ -324,13 +324,22 @@ struct CrossEntropyKernels {
     const int64_t C = a.classes;
     const scalar_t* x = a.input + i * C;
     constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-    V vm(kNegInf);
-    for (int64_t c0 = 0; c0 < C; c0 += L) vm = at::vec::maximum(vm, load<acc_t>(x + c0, std::min(L, C - c0), kNegInf));
-    const acc_t mx = lane_max(vm);
+    // Four accumulators each for the max and the sum: one would chain every vector's max or add
+    // to the previous one's latency.
+    V vm[4] = {V(kNegInf), V(kNegInf), V(kNegInf), V(kNegInf)};
+    int64_t c0 = 0;
+    for (; c0 + 4 * L <= C; c0 += 4 * L) {
+      for (int k = 0; k < 4; ++k) vm[k] = at::vec::maximum(vm[k], load<acc_t>(x + c0 + k * L, L));
+    }
+    for (; c0 < C; c0 += L) vm[0] = at::vec::maximum(vm[0], load<acc_t>(x + c0, std::min(L, C - c0), kNegInf));
+    const acc_t mx = lane_max(at::vec::maximum(at::vec::maximum(vm[0], vm[1]), at::vec::maximum(vm[2], vm[3])));
     const V m(mx);
-    V vs(0);  // the tail's fill of -inf adds exp(-inf) = 0 (or NaN where the row is NaN anyway)
-    for (int64_t c0 = 0; c0 < C; c0 += L) vs = vs + exp_nonpositive(load<acc_t>(x + c0, std::min(L, C - c0), kNegInf) - m);
-    const acc_t lsum = std::log(lane_sum(vs));
+    V vs[4] = {V(0), V(0), V(0), V(0)};  // the tail's fill of -inf adds exp(-inf) = 0 (or NaN where the row is)
+    for (c0 = 0; c0 + 4 * L <= C; c0 += 4 * L) {
+      for (int k = 0; k < 4; ++k) vs[k] = vs[k] + exp_nonpositive(load<acc_t>(x + c0 + k * L, L) - m);
+    }
+    for (; c0 < C; c0 += L) vs[0] = vs[0] + exp_nonpositive(load<acc_t>(x + c0, std::min(L, C - c0), kNegInf) - m);
+    const acc_t lsum = std::log(lane_sum((vs[0] + vs[1]) + (vs[2] + vs[3])));
     const V ls(lsum);
     save_row_stats(a.stats + kRowStats * i, mx, lsum);
     if (a.target) {
