@@ -44,3 +44,11 @@ def assert_same_params(a, b, **tol):
     assert sa.keys() == sb.keys()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], **tol, msg=lambda m: f"{k}: {m}")
+
+
+def lesson_sequential(log_softmax=False):
+    """The lesson's model, as its code writes it (MNISTNet's state_dict loads into it, and back)."""
+    layers = [torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64), torch.nn.ReLU(),
+              torch.nn.Linear(64, 10)]
+    return torch.nn.Sequential(*layers, *([torch.nn.LogSoftmax(dim=1)] if log_softmax else []))
+
