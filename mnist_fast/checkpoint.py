@@ -25,6 +25,8 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from .models import MNISTNet
+
 __all__ = ["CheckpointError", "OutputError", "CHECKPOINT_KIND", "CHECKPOINT_VERSION", "RUN_DEFINING_OPTIONS",
            "write_output", "writes_through", "prepare_output_files", "remove_stale_temp_files",
            "save_checkpoint", "load_checkpoint", "restore_checkpoint", "run_options", "checkpoint_state"]
@@ -337,6 +339,8 @@ def restore_checkpoint(path: Path, state: dict, options: dict, model: nn.Module,
             if options.get("epochs") != saved_options.get("epochs") else ""
         raise CheckpointError(f"{path} was written by a run with other options; resuming needs the same ones. "
                               f"Differs: {', '.join(differences)}{hint}")
+    if isinstance(model, MNISTNet):  # a checkpoint written before MNISTNet had the lesson's keys
+        model.rename_earlier_keys(state["model"])
     _check_model_state(path, state["model"], model)
     _check_optimizer_state(path, state["optimizer"], optimizer, model)
     try:

@@ -58,9 +58,7 @@ def _mlp_layers(model: nn.Module) -> List[nn.Linear]:
     """The Linear layers of a supported MLP, in order (a ReLU after each but the last), or raise."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"FusedTrainer expects an nn.Module, got {type(model).__name__}")
-    if type(model) is MNISTNet:
-        children = _flat_children(model.hidden, "hidden") + [("output", model.output)]
-    elif type(model) in (nn.Sequential, FusedMLP):  # fuse() makes a whole-MLP Sequential a FusedMLP
+    if type(model) in (nn.Sequential, FusedMLP, MNISTNet):  # fuse() makes a whole-MLP Sequential a FusedMLP
         children = _flat_children(model, "")
     else:
         raise ValueError(f"{_SUPPORTED}; got {type(model).__name__}")

@@ -1,5 +1,6 @@
 """Every CPU kernel against stock PyTorch under the capability in use (run by test_cpu_capability.py
-in a child process with ATEN_CPU_CAPABILITY set): python tests/cpu_capability_parity.py EXPECTED.
+in a child process with ATEN_CPU_CAPABILITY set): python tests/cpu_capability_parity.py EXPECTED, with the
+mnist_fast to test importable (the test passes its own on PYTHONPATH; in the checkout: PYTHONPATH=.).
 
 Exits non-zero, naming the first mismatch, if a result differs or the kernels in use are not EXPECTED.
 """
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 HERE = pathlib.Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]  # the package as the tests see it, and conftest
+sys.path.insert(0, str(HERE))  # helpers
 from helpers import TOL  # noqa: E402
 import mnist_fast  # noqa: E402
 from mnist_fast import _C, functional as MF  # noqa: E402

@@ -44,3 +44,39 @@ def assert_same_params(a, b, **tol):
     assert sa.keys() == sb.keys()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], **tol, msg=lambda m: f"{k}: {m}")
+
+
+def lesson_sequential(log_softmax=False):
+    """The lesson's model, as its code writes it (MNISTNet's state_dict loads into it, and back)."""
+    layers = [torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64), torch.nn.ReLU(),
+              torch.nn.Linear(64, 10)]
+    return torch.nn.Sequential(*layers, *([torch.nn.LogSoftmax(dim=1)] if log_softmax else []))
+
+
+def child_env(**extra) -> dict:
+    """os.environ plus extra, for a child Python process that is to import the mnist_fast this process
+    imported: the checkout with its in-place build, or the installed copy (after `pip install .`), never
+    the source folder beside it. The folder holding that package goes first on PYTHONPATH, unless it is
+    a site-packages folder, which the child finds anyway. A child started with -m or -c puts its working
+    folder ahead of PYTHONPATH: start those outside the checkout (cwd=tmp_path)."""
+    import os
+    import site
+
+    import mnist_fast
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(mnist_fast.__file__)))
+    env = dict(os.environ, **extra)
+    site_dirs = {os.path.realpath(d) for d in [*site.getsitepackages(), site.getusersitepackages()]}
+    if os.path.realpath(root) not in site_dirs:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    return env
+
+
+def tests_the_checkout() -> bool:
+    """Whether the mnist_fast under test is this checkout's (its in-place build), not an installed copy.
+    The checkout's tools (benchmarks/report.py --capability, scripts/gpu_check.sh) run the checkout's."""
+    import pathlib
+
+    import mnist_fast
+
+    return pathlib.Path(mnist_fast.__file__).resolve().parents[1] == pathlib.Path(__file__).resolve().parents[1]

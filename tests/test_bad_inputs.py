@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import bad_input_cases
-from helpers import DEVICES
+from helpers import DEVICES, child_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXPECTED = {name: case[2] for name, case in bad_input_cases.cases().items()}
@@ -20,7 +20,7 @@ EXPECTED = {name: case[2] for name, case in bad_input_cases.cases().items()}
 def results(request):
     proc = subprocess.run([sys.executable, os.path.join(HERE, "bad_input_cases.py"), request.param],
                           capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})
+                          env=child_env())
     records, started = {}, None
     for line in proc.stdout.splitlines():
         if line.startswith("START "):

@@ -22,9 +22,9 @@ from mnist_fast import distributed, train
 from mnist_fast.checkpoint import load_checkpoint, remove_stale_temp_files, write_output
 from mnist_fast.recipe import build_model, build_optimizer
 from mnist_fast.train import main, parse_args
+from helpers import child_env
 from test_train import _assert_same_weights, _weights, write_banded_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -47,8 +47,9 @@ def _cli(data_dir, *options):
 
 
 def _child_env(**extra):
-    env = {key: value for key, value in os.environ.items() if key not in ("WORLD_SIZE", "RANK")}
-    return dict(env, PYTHONPATH=str(ROOT), **extra)
+    """The environment of a child run (started in tmp_path: see helpers.child_env), outside any torchrun."""
+    env = {key: value for key, value in child_env().items() if key not in ("WORLD_SIZE", "RANK")}
+    return dict(env, **extra)
 
 
 def _one_error_line(err: str) -> str:
@@ -111,7 +112,7 @@ def test_metrics_to_dev_stdout_redirected_into_a_file_append_to_it(data_dir, tmp
     log = tmp_path / "log.txt"
     with open(log, "w") as out:
         done = subprocess.run(_cli(data_dir, "--epochs", "1", "--metrics", "/dev/stdout"), env=_child_env(),
-                              stdout=out, stderr=subprocess.PIPE, text=True, timeout=120)
+                              cwd=tmp_path, stdout=out, stderr=subprocess.PIPE, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     text = log.read_text()
     assert "done: mnist, 1 epoch" in text and '{"epoch": 1' in text and '{"final"' in text  # log and metrics
@@ -157,7 +158,8 @@ def test_sigterm_stops_the_run_as_ctrl_c_does(data_dir, tmp_path):
     checkpoint = tmp_path / "run.pt"
     child = subprocess.Popen(_cli(data_dir, "--epochs", "100000", "--schedule", "constant",
                                   "--checkpoint", str(checkpoint)),
-                             env=_child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             env=_child_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
     try:
         _wait_for(checkpoint.exists)
         child.send_signal(signal.SIGTERM)
@@ -278,7 +280,7 @@ def test_a_real_write_failure_inside_torch_save_is_one_line(data_dir, tmp_path):
     # A file size limit fails the write as a full disk does (EFBIG instead of ENOSPC), in the real code path.
     checkpoint = tmp_path / "run.pt"
     first = subprocess.run(_cli(data_dir, "--epochs", "1", "--schedule", "constant", "--checkpoint", str(checkpoint)),
-                           env=_child_env(), capture_output=True, text=True, timeout=120)
+                           env=_child_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
     before = checkpoint.read_bytes()
 
@@ -288,7 +290,8 @@ def test_a_real_write_failure_inside_torch_save_is_one_line(data_dir, tmp_path):
 
     second = subprocess.run(_cli(data_dir, "--epochs", "2", "--schedule", "constant", "--checkpoint", str(checkpoint),
                                  "--resume"),
-                            env=_child_env(), capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size)
+                            env=_child_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            preexec_fn=limit_file_size)
     assert second.returncode == 1
     assert _one_error_line(second.stderr) == (f"mnist_fast.train: error: cannot write {checkpoint}: File too large; "
                                               f"the previous file is unchanged")
@@ -335,9 +338,9 @@ MALFORMED = {
     "epochs as text": (_set(["epochs_done"])("1"), "epochs_done is '1'"),
     "epochs as bool": (_set(["epochs_done"])(True), "epochs_done is True"),
     "options as list": (_set(["options"])([1, 2]), "options is not a table of option names"),
-    "weight as list": (_set(["model", "hidden.0.weight"])([1.0, 2.0]), "model is not a state dict of named tensors"),
-    "weight as float64": (lambda s: s["model"].update({"output.bias": s["model"]["output.bias"].double()}),
-                          "output.bias: torch.float64 in the checkpoint, torch.float32 in the model"),
+    "weight as list": (_set(["model", "0.weight"])([1.0, 2.0]), "model is not a state dict of named tensors"),
+    "weight as float64": (lambda s: s["model"].update({"4.bias": s["model"]["4.bias"].double()}),
+                          "4.bias: torch.float64 in the checkpoint, torch.float32 in the model"),
     "optimizer as tensor": (_set(["optimizer"])(torch.zeros(3)), "optimizer is not an optimizer state dict"),
     "momentum buffer shape": (_set(["optimizer", "state", 0, "momentum_buffer"])(torch.zeros(3)),
                               "momentum_buffer of parameter 0 has shape (3,), the parameter (128, 784)"),
@@ -426,11 +429,11 @@ time.sleep(120)  # stuck, not dead: never reaches a collective
 @pytest.mark.slow
 def test_a_stuck_rank_fails_the_others_within_the_timeout(data_dir, tmp_path):
     env = _child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
-    stuck = subprocess.Popen([sys.executable, "-c", STALLED_RANK], env=dict(env, RANK="1"))
+    stuck = subprocess.Popen([sys.executable, "-c", STALLED_RANK], env=dict(env, RANK="1"), cwd=tmp_path)
     try:
         started = time.monotonic()
         rank0 = subprocess.run(_cli(data_dir, "--epochs", "1", "--ddp-timeout", "5"), env=dict(env, RANK="0"),
-                               capture_output=True, text=True, timeout=90)
+                               cwd=tmp_path, capture_output=True, text=True, timeout=90)
         elapsed = time.monotonic() - started
     finally:
         stuck.kill()

@@ -1,7 +1,6 @@
 """The CPU kernels of every capability this machine can run, each forced in a child process with
 ATEN_CPU_CAPABILITY (so the AVX2 kernels are tested on an AVX-512 machine too), against stock
 PyTorch: tests/cpu_capability_parity.py."""
-import os
 import pathlib
 import subprocess
 import sys
@@ -11,6 +10,8 @@ import torch
 
 from mnist_fast import _C
 
+from helpers import child_env
+
 SCRIPT = pathlib.Path(__file__).resolve().parent / "cpu_capability_parity.py"
 ORDER = ["default", "avx2", "avx512"]
 # The best this CPU has, as ATen sees it (unforced): every capability up to it can run.
@@ -19,8 +20,9 @@ RUNNABLE = ORDER[: ORDER.index(BEST) + 1] if BEST in ORDER else ["default"]
 
 
 def run_child(capability, *args):
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=900)
+    env = child_env(ATEN_CPU_CAPABILITY=capability, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *args], env=env, cwd=SCRIPT.parent, capture_output=True, text=True,
+                          timeout=900)
 
 
 @pytest.mark.parametrize("capability", [

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import mnist_fast
 from mnist_fast import functional as MF
 
-from helpers import DTYPES, LOW_PRECISION, TOL, assert_close
+from helpers import DTYPES, LOW_PRECISION, TOL, assert_close, child_env, tests_the_checkout
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HAVE_CUDA = torch.cuda.is_available()
@@ -340,10 +340,7 @@ def test_cross_entropy_gradcheck():
 
 _BAD_INDEX = textwrap.dedent("""
     import sys, torch
-    sys.path.insert(0, {root!r})
     from mnist_fast import functional as MF
-
-from helpers import DTYPES, LOW_PRECISION, TOL, assert_close
     x = torch.randn({rows}, {classes}, device="cuda", requires_grad=True)
     t = torch.zeros({rows}, dtype=torch.long, device="cuda")
     t[{rows} // 2] = {bad}
@@ -368,10 +365,11 @@ from helpers import DTYPES, LOW_PRECISION, TOL, assert_close
     ("past_end", 10, False), (-1, 10, False), (1 << 40, 2000, False),  # warp groups, block per row
     ("past_end", 10, True), (-1, 2000, True),
 ])
-def test_cross_entropy_bad_index_raises(bad, classes, backward):
+def test_cross_entropy_bad_index_raises(bad, classes, backward, tmp_path):
     index = classes if bad == "past_end" else bad
-    code = _BAD_INDEX.format(root=str(ROOT), rows=64, classes=classes, bad=index, backward=backward)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    code = _BAD_INDEX.format(rows=64, classes=classes, bad=index, backward=backward)
+    proc = subprocess.run([sys.executable, "-c", code], env=child_env(), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "no error" not in out, out
     assert "device-side assert" in out or "raised" in out, out
@@ -401,6 +399,7 @@ def _can_compile_cuda():
 
 
 @pytest.mark.skipif(not (ROOT / "setup.py").exists(), reason="needs the source checkout")
+@pytest.mark.skipif(not tests_the_checkout(), reason="gpu_check.sh runs the checkout's in-place build")
 @pytest.mark.skipif(not _can_compile_cuda(), reason="no CUDA toolkit or a CPU-only torch: no CUDA build to configure")
 def test_gpu_check_dry_run():
     proc = _script("--dry-run", "--batches", "64")

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import mnist_fast
 from mnist_fast import functional as MF
 from mnist_fast.models import MNISTNet
+from mnist_fast.nn import LinearReLU
 
 D = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -117,13 +118,13 @@ def test_cross_entropy_tangent_for_other_input_shapes(engine):
 def test_jvp_of_a_model_whose_parameters_require_grad():
     # The common case: torch.func.jvp of a loss with respect to the input, with grad mode on and the
     # parameters requiring grad (the primal goes through the reverse-mode path too).
+    # The lesson's MLP from LinearReLU layers, one op each (MNISTNet is one fused_mlp op: see below).
     torch.manual_seed(0)
-    net = MNISTNet().double()
+    net = torch.nn.Sequential(LinearReLU(784, 128), torch.nn.Identity(), LinearReLU(128, 64), torch.nn.Identity(),
+                              torch.nn.Linear(64, 10)).double()
     stock = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
                                 torch.nn.ReLU(), torch.nn.Linear(64, 10)).double()
-    stock.load_state_dict({"0.weight": net.hidden[0].weight, "0.bias": net.hidden[0].bias,
-                           "2.weight": net.hidden[1].weight, "2.bias": net.hidden[1].bias,
-                           "4.weight": net.output.weight, "4.bias": net.output.bias})
+    stock.load_state_dict(net.state_dict())
     x, y = torch.randn(16, 784, dtype=D), torch.randint(0, 10, (16,))
     v = torch.randn_like(x)
     loss, tangent = torch.func.jvp(lambda x: MF.cross_entropy(net(x), y), (x,), (v,))
@@ -135,6 +136,19 @@ def test_jvp_of_a_model_whose_parameters_require_grad():
     loss_ref.backward()
     for a, b in zip(net.parameters(), stock.parameters()):
         torch.testing.assert_close(a.grad, b.grad, **TOL)
+
+
+def test_jvp_of_mnist_net_is_refused_and_works_unfused():
+    # MNISTNet is a FusedMLP: fused_mlp has no forward-mode formula, and says what to do instead.
+    net = MNISTNet().double()
+    x, v = torch.randn(4, 784, dtype=D), torch.randn(4, 784, dtype=D)
+    with pytest.raises(RuntimeError, match=r"forward-mode AD .* is not supported; run the stock layers for it "
+                                           r"\(mnist_fast.nn.unfuse\(model\)\)"):
+        torch.func.jvp(net, (x,), (v,))
+    stock = mnist_fast.unfuse(net)
+    out, tangent = torch.func.jvp(stock, (x,), (v,))
+    torch.testing.assert_close(out, net(x), **TOL)
+    torch.testing.assert_close(tangent, torch.autograd.functional.jvp(stock, x, v)[1], **TOL)  # by reverse mode
 
 
 def test_forward_and_reverse_mode_at_once():

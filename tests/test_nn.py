@@ -9,6 +9,8 @@ import mnist_fast
 from mnist_fast.models import MNISTNet, stock_mlp
 from mnist_fast.nn import CrossEntropyLoss, LinearReLU, fuse
 
+from helpers import lesson_sequential
+
 
 def test_public_api():
     assert mnist_fast.fuse is fuse and mnist_fast.LinearReLU is LinearReLU
@@ -102,11 +104,70 @@ def test_fuse_rejects_non_modules():
 
 def test_mnist_net_shapes_and_inputs():
     net = MNISTNet()
-    assert [type(m) for m in net.hidden] == [LinearReLU, LinearReLU]
+    assert [type(m) for m in net] == [LinearReLU, nn.Identity, LinearReLU, nn.Identity, nn.Linear]
     assert sum(p.numel() for p in net.parameters()) == 784 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10
     images = torch.randn(3, 1, 28, 28)
     assert net(images).shape == (3, 10)
     torch.testing.assert_close(net(images), net(images.view(3, 784)))
+    torch.testing.assert_close(net(images), net(images.view(3, 28, 28)))
+
+
+def test_mnist_net_has_the_lesson_keys_and_init():
+    torch.manual_seed(3)
+    net = MNISTNet()
+    torch.manual_seed(3)
+    lesson = lesson_sequential(False)
+    assert list(net.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+    assert list(net.state_dict()) == list(lesson.state_dict())
+    for key, value in lesson.state_dict().items():
+        assert torch.equal(net.state_dict()[key], value), key  # same seed, same weights
+
+
+@pytest.mark.parametrize("log_softmax", [False, True])
+def test_mnist_net_state_loads_into_the_lessons_sequential_and_back(log_softmax):
+    torch.manual_seed(0)
+    net = MNISTNet()
+    lesson = lesson_sequential(log_softmax)
+    lesson.load_state_dict(net.state_dict())  # strict
+
+    def as_lesson(logits):  # what the lesson's model outputs for these logits
+        return torch.log_softmax(logits, dim=1) if log_softmax else logits
+
+    x = torch.randn(5, 1, 28, 28)
+    torch.testing.assert_close(lesson(x.flatten(1)), as_lesson(net(x)))
+
+    other = lesson_sequential(log_softmax)  # other weights, back into an MNISTNet
+    back = MNISTNet()
+    back.load_state_dict(other.state_dict())  # strict
+    torch.testing.assert_close(as_lesson(back(x)), other(x.flatten(1)))
+
+
+def _earlier_keys(state):
+    """A state dict of the MNISTNet before it had the lesson's keys."""
+    names = {"0": "hidden.0", "2": "hidden.1", "4": "output"}
+    return {names[key.split(".")[0]] + "." + key.split(".")[1]: value for key, value in state.items()}
+
+
+def test_mnist_net_loads_state_dicts_with_the_earlier_keys():
+    torch.manual_seed(0)
+    source = MNISTNet()
+    earlier = _earlier_keys(source.state_dict())
+    assert sorted(earlier) == ["hidden.0.bias", "hidden.0.weight", "hidden.1.bias", "hidden.1.weight",
+                               "output.bias", "output.weight"]
+    net = MNISTNet()
+    net.load_state_dict(earlier)  # strict
+    assert "hidden.0.weight" in earlier and "0.weight" not in earlier  # the caller's dict is left as it was
+    for key, value in source.state_dict().items():
+        assert torch.equal(net.state_dict()[key], value), key
+
+    # Inside another model (its keys under a prefix), and strict still reports what does not fit.
+    outer, outer_source = nn.Sequential(nn.Identity(), MNISTNet()), nn.Sequential(nn.Identity(), source)
+    outer.load_state_dict({"1." + key: value for key, value in earlier.items()})
+    torch.testing.assert_close(outer(torch.ones(2, 784)), outer_source(torch.ones(2, 784)))
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "hidden.2.weight"'):
+        MNISTNet().load_state_dict({**earlier, "hidden.2.weight": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "4.bias"'):
+        MNISTNet().load_state_dict({k: v for k, v in earlier.items() if k != "output.bias"})
 
 
 def test_mnist_net_trains_with_sgd():
@@ -167,9 +228,7 @@ def test_mnist_net_empty_batch_matches_stock(shape):
     torch.manual_seed(0)
     net = MNISTNet().double()
     ref = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)).double()
-    ref.load_state_dict({"0.weight": net.hidden[0].weight, "0.bias": net.hidden[0].bias,
-                         "2.weight": net.hidden[1].weight, "2.bias": net.hidden[1].bias,
-                         "4.weight": net.output.weight, "4.bias": net.output.bias})
+    ref.load_state_dict(net.state_dict())
     x = torch.zeros(shape, dtype=torch.float64)
     t = torch.zeros(0, dtype=torch.long)
     logits = net(x)

@@ -15,8 +15,11 @@ from mnist_fast.checkpoint import (CHECKPOINT_KIND, CHECKPOINT_VERSION, Checkpoi
                                    restore_checkpoint)
 from mnist_fast import checkpoint as checkpoint_module
 from mnist_fast.data import write_idx
+from mnist_fast.models import MNISTNet
 from mnist_fast.recipe import build_model, build_optimizer, learning_rate
 from mnist_fast.train import main, parse_args
+
+from helpers import lesson_sequential
 
 
 def write_banded_dataset(folder, n_train=320, n_test=80, seed=0):
@@ -212,8 +215,41 @@ def test_checkpoint_holds_the_run_and_loads_weights_only(run, tmp_path):
     state = torch.load(checkpoint, weights_only=True)
     assert state["epochs_done"] == 2 and len(state["history"]) == 2
     assert state["options"]["dataset"] == "mnist" and state["options"]["batch_size"] == 32
-    assert {"hidden.0.weight", "hidden.1.bias", "output.weight"} <= state["model"].keys()
+    assert list(state["model"]) == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
     assert state["optimizer"]["state"] and isinstance(state["rng"]["cpu"], torch.Tensor)
+
+
+@pytest.mark.parametrize("log_softmax", [False, True])
+def test_checkpoint_model_loads_into_the_lessons_sequential_and_back(run, tmp_path, log_softmax):
+    checkpoint = tmp_path / "run.pt"
+    assert run("--epochs", "1", "--checkpoint", str(checkpoint)) == 0
+    trained = MNISTNet().eval()
+    trained.load_state_dict(_weights(checkpoint))
+    lesson = lesson_sequential(log_softmax)
+    lesson.load_state_dict(_weights(checkpoint))  # strict: the same keys, shapes and dtypes
+    images = torch.rand(16, 1, 28, 28)
+    logits = trained(images)
+    torch.testing.assert_close(lesson(images.flatten(1)), torch.log_softmax(logits, 1) if log_softmax else logits)
+
+    back = MNISTNet()
+    back.load_state_dict(lesson.state_dict())
+    torch.testing.assert_close(back(images), logits, rtol=0, atol=0)
+
+
+def test_checkpoint_with_the_earlier_model_keys_resumes(run, tmp_path):
+    # Checkpoints written before MNISTNet had the lesson's keys name its layers hidden.<i> and output.
+    straight, earlier = tmp_path / "straight.pt", tmp_path / "earlier.pt"
+    options = ("--schedule", "constant")
+    assert run("--epochs", "2", "--checkpoint", str(straight), *options) == 0
+    assert run("--epochs", "1", "--checkpoint", str(earlier), *options) == 0
+    state = load_checkpoint(earlier)
+    names = {"0": "hidden.0", "2": "hidden.1", "4": "output"}
+    state["model"] = {names[key.split(".")[0]] + "." + key.split(".")[1]: value for key, value in state["model"].items()}
+    checkpoint_module.save_checkpoint(earlier, state)
+    assert "hidden.0.weight" in _weights(earlier)
+
+    assert run("--epochs", "2", "--checkpoint", str(earlier), "--resume", *options) == 0
+    _assert_same_weights(_weights(straight), _weights(earlier))  # written with the current keys
 
 
 def _interrupt_after(monkeypatch, epochs):
@@ -306,7 +342,7 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
 
 def test_other_files_are_not_checkpoints(tmp_path):
     path = tmp_path / "weights.pt"
-    torch.save({"hidden.0.weight": torch.zeros(2)}, path)
+    torch.save({"0.weight": torch.zeros(2)}, path)
     with pytest.raises(CheckpointError, match="not an mnist_fast.train checkpoint"):
         load_checkpoint(path)
 
@@ -322,7 +358,7 @@ def test_checkpoint_of_another_model_shape_loads_nothing(run, tmp_path):
     checkpoint = tmp_path / "run.pt"
     assert run("--epochs", "1", "--checkpoint", str(checkpoint)) == 0
     state = load_checkpoint(checkpoint)
-    state["model"]["hidden.0.weight"] = torch.zeros(100, 784)
+    state["model"]["0.weight"] = torch.zeros(100, 784)
     state["model"]["extra"] = torch.zeros(1)
 
     args = parse_args(["--epochs", "1", "--batch-size", "32", "--no-download"])
@@ -330,7 +366,7 @@ def test_checkpoint_of_another_model_shape_loads_nothing(run, tmp_path):
     model, _ = build_model("fused")
     optimizer = build_optimizer(args, model.parameters())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(CheckpointError, match=r"different model: .*hidden.0.weight: shape \(100, 784\) in the "
+    with pytest.raises(CheckpointError, match=r"different model: .*0.weight: shape \(100, 784\) in the "
                                               r"checkpoint, \(128, 784\) in the model.*unexpected extra"):
         restore_checkpoint(checkpoint, state, state["options"], model, optimizer)
     _assert_same_weights(before, model.state_dict())

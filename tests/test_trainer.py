@@ -112,7 +112,7 @@ def test_mnistnet_and_the_model_stays_the_source_of_truth():
     x = batches[0][0]
     torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)  # evaluation as usual
     # The trainer updates the model's own Parameters in place, and bumps their versions.
-    w = model.hidden[0].weight
+    w = model[0].weight
     before, version = w.detach().clone(), w._version
     trainer.step(*batches[1])
     assert not torch.equal(w, before) and w._version > version
