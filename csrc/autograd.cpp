@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "ops.h"
 #include "row_math.h"
@@ -272,38 +273,63 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_autograd(
                                 label_smoothing, output_mask);
 }
 
-// The training step is an optimizer step: it updates parameters (leaves that require grad) in place
-// and its outputs have no gradient, like torch.optim.SGD.step() under no_grad. It runs below
-// autograd and bumps the version counters of what it wrote, so a graph that saved one of those
-// tensors notices at backward time.
-std::tuple<at::Tensor, at::Tensor> train_step_sgd_autograd(const at::Tensor& input, const at::Tensor& target,
-                                                           at::TensorList params, at::TensorList momentum_buffers,
-                                                           at::TensorList workspace, double lr, double momentum,
-                                                           double dampening, double weight_decay, bool nesterov,
-                                                           bool first_step, int64_t ignore_index,
-                                                           double label_smoothing) {
-  bool tangents = has_tangent(input, target);
-  for (auto list : {params, momentum_buffers, workspace}) {
-    for (const auto& t : list) tangents = tangents || has_tangent(t);
-  }
-  TORCH_CHECK(!tangents, "mnist_fast.train_step_sgd: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) "
-              "is not supported: an optimizer step has no derivative");
-  std::tuple<at::Tensor, at::Tensor> out;
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    out = train_step_sgd(input, target, params, momentum_buffers, workspace, lr, momentum, dampening, weight_decay,
-                         nesterov, first_step, ignore_index, label_smoothing);
-  }
-  for (auto list : {params, momentum_buffers, workspace}) {
-    for (const auto& t : list) torch::autograd::increment_version(t);
-  }
-  return out;
+// ---- the optimizer ops (train_step_sgd, train_epoch_sgd) ----
+// Such an op is an optimizer step: it updates parameters (leaves that require grad) in place and
+// its outputs have no gradient, like torch.optim.SGD.step() under no_grad. Its autograd kernel runs
+// it below autograd (so the steps of an epoch skip their own autograd kernel) and bumps the version
+// counters of what it wrote, the tensors of its list arguments, so that a graph that saved one of
+// those tensors notices at backward time.
+
+// Whether an argument carries a tangent: a tensor, or a tensor of a list; other arguments never do.
+bool carries_tangent(const at::Tensor& t) {
+  return has_tangent(t);
 }
+bool carries_tangent(at::TensorList list) {
+  return std::any_of(list.begin(), list.end(), [](const at::Tensor& t) { return has_tangent(t); });
+}
+template <typename T>
+bool carries_tangent(const T&) {
+  return false;
+}
+
+void bump_versions(at::TensorList list) {
+  for (const auto& t : list) torch::autograd::increment_version(t);
+}
+template <typename T>
+void bump_versions(const T&) {}  // not a list: nothing the op wrote
+
+// refuse_tangents: the op's name, when forward-mode AD is refused with an error (nullptr: no check).
+template <auto op, const char* refuse_tangents, typename Signature = std::remove_pointer_t<decltype(op)>>
+struct OptimizerAutograd;
+
+template <auto op, const char* refuse_tangents, typename R, typename... Args>
+struct OptimizerAutograd<op, refuse_tangents, R(Args...)> {
+  static R call(Args... args) {
+    if constexpr (refuse_tangents != nullptr) {
+      TORCH_CHECK(!(... || carries_tangent(args)), refuse_tangents,
+                  ": forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not supported: an optimizer "
+                  "step has no derivative");
+    }
+    R out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = op(args...);
+    }
+    (bump_versions(args), ...);
+    return out;
+  }
+};
+
+constexpr char kTrainStepSgd[] = "mnist_fast.train_step_sgd";
+using TrainStepAutograd = OptimizerAutograd<train_step_sgd, kTrainStepSgd>;
+// The epoch's steps run below autograd too: they see no tangent (none is refused, as before).
+using TrainEpochAutograd = OptimizerAutograd<train_epoch_sgd, nullptr>;
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mnist_fast, Autograd, m) {
-  m.impl("train_step_sgd", TORCH_FN(train_step_sgd_autograd));
+  m.impl("train_step_sgd", TORCH_FN(TrainStepAutograd::call));
+  m.impl("train_epoch_sgd", TORCH_FN(TrainEpochAutograd::call));
   m.impl("linear_relu", TORCH_FN(linear_relu_autograd));
   m.impl("cross_entropy_forward", TORCH_FN(cross_entropy_forward_autograd));
   m.impl("_linear_relu_backward", TORCH_FN(linear_relu_backward_autograd));

@@ -1,7 +1,8 @@
-// A whole MLP as one op, the same on every backend: argument checks, the GEMMs through ATen
-// (MKL/oneDNN, cuBLAS), the optional final log-softmax through ATen, and the order of the passes.
-// Each backend passes in the two kernels it writes by hand, the ones linear_relu uses: the
-// bias+ReLU epilogue of a GEMM and the ReLU-mask pass that also reduces the bias grad.
+// A whole MLP as one op, the same on every backend: argument checks, the device guard, the GEMMs
+// through ATen (MKL/oneDNN, cuBLAS), the optional final log-softmax through ATen, and the order of
+// the passes. Each backend registers these kernels with the two it writes by hand, the ones
+// linear_relu uses: the bias+ReLU epilogue of a GEMM and the ReLU-mask pass that also reduces the
+// bias grad (fused_mlp_forward_impl<cpu::bias_relu_inplace>, fused_mlp_backward_impl<cpu::mask_grad>).
 //
 // Layers l = 0..L-1, A_{-1} = input (as a (rows, in_features) matrix):
 //   hidden  A_l = relu(A_{l-1} W_l^T + b_l)          for l < L-1 (saved for backward)
@@ -21,6 +22,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
+#include <c10/core/DeviceGuard.h>
 
 #include <optional>
 #include <tuple>
@@ -109,13 +111,14 @@ inline void check_fused_mlp_backward_args(const at::Tensor& grad_output, const a
 // ---- forward ----
 
 // Returns (output, hidden activations).
-template <typename BiasReluInplace>
+template <auto bias_relu_inplace>
 std::tuple<at::Tensor, std::vector<at::Tensor>> fused_mlp_forward_impl(const at::Tensor& input,
                                                                       at::TensorList weights,
                                                                       const OptionalTensorList& biases,
-                                                                      bool log_softmax,
-                                                                      const BiasReluInplace& bias_relu_inplace) {
+                                                                      bool log_softmax) {
   check_fused_mlp_args(input, weights, biases);
+  // After the checks, so that an input on the wrong device gets their message.
+  const c10::OptionalDeviceGuard guard(input.device());
   const size_t layers = weights.size();
   std::vector<at::Tensor> hidden;
   hidden.reserve(layers - 1);
@@ -138,11 +141,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_mlp_forward_impl(const at:
 
 // mask_grad(grad, activation, grad_pre, grad_bias): grad_pre = grad * (activation > 0), and its
 // column sums into grad_bias when that is defined (linear_relu's backward pass).
-template <typename MaskGrad>
+template <auto mask_grad>
 std::tuple<at::Tensor, OptionalTensorList, OptionalTensorList> fused_mlp_backward_impl(
     const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights, at::TensorList hidden,
-    const std::optional<at::Tensor>& output, const c10::List<bool>& output_mask, const MaskGrad& mask_grad) {
+    const std::optional<at::Tensor>& output, const c10::List<bool>& output_mask) {
   check_fused_mlp_backward_args(grad_output, input, weights, hidden, output, output_mask);
+  const c10::OptionalDeviceGuard guard(input.device());
   const size_t layers = weights.size();
   auto wants_weight = [&](size_t l) { return output_mask.get(1 + 2 * l); };
   auto wants_bias = [&](size_t l) { return output_mask.get(2 + 2 * l); };

@@ -1,12 +1,14 @@
-// The parts of linear_relu that are the same on every backend: the argument checks, the GEMMs
-// through ATen (MKL/oneDNN, cuBLAS) and the order of the passes. Each backend passes in its own
-// bias+ReLU epilogue and ReLU-mask pass, the only kernels it writes by hand.
+// linear_relu's kernels, the same on every backend: the argument checks, the device guard, the
+// GEMMs through ATen (MKL/oneDNN, cuBLAS) and the order of the passes. Each backend registers them
+// with its own bias+ReLU epilogue and ReLU-mask pass, the only kernels it writes by hand, e.g.
+// linear_relu_forward_impl<cpu::bias_relu_inplace>.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/util/accumulate.h>
 
 #include <array>
@@ -24,10 +26,12 @@ inline at::Tensor as_matrix(const at::Tensor& t) {
 }
 
 // relu(input @ weight.T + bias): the GEMM, then bias_relu_inplace(out, bias) over its output.
-template <typename BiasReluInplace>
+template <auto bias_relu_inplace>
 at::Tensor linear_relu_forward_impl(const at::Tensor& input, const at::Tensor& weight,
-                                    const std::optional<at::Tensor>& bias, const BiasReluInplace& bias_relu_inplace) {
+                                    const std::optional<at::Tensor>& bias) {
   check_linear_relu_args(input, weight, bias);
+  // After the checks, so that an input on the wrong device gets their message.
+  const c10::OptionalDeviceGuard guard(input.device());
   auto out = at::mm(as_matrix(input), weight.t());
   bias_relu_inplace(out, bias);
   auto shape = input.sizes().vec();
@@ -37,14 +41,14 @@ at::Tensor linear_relu_forward_impl(const at::Tensor& input, const at::Tensor& w
 
 // mask_grad(grad_output, output, grad_pre, grad_bias) writes grad_pre = grad_output * (output > 0)
 // and, when grad_bias is defined, its column sums; then the GEMMs that output_mask asks for.
-template <typename MaskGrad>
+template <auto mask_grad>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_impl(const at::Tensor& grad_output,
                                                                          const at::Tensor& input,
                                                                          const at::Tensor& weight,
                                                                          const at::Tensor& output,
-                                                                         std::array<bool, 3> output_mask,
-                                                                         const MaskGrad& mask_grad) {
+                                                                         std::array<bool, 3> output_mask) {
   check_linear_relu_backward_args(grad_output, input, weight, output);
+  const c10::OptionalDeviceGuard guard(input.device());
   at::Tensor grad_input, grad_weight, grad_bias;
   if (!output_mask[0] && !output_mask[1] && !output_mask[2]) return {grad_input, grad_weight, grad_bias};
   const auto output2d = as_matrix(output).contiguous();

@@ -78,10 +78,7 @@ std::tuple<at::Tensor, OptionalTensorList, OptionalTensorList> fused_mlp_backwar
     const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights, at::TensorList hidden,
     const std::optional<at::Tensor>& output, const c10::List<bool>& output_mask);
 
-}  // namespace mnist_fast
-
 // ---- whole-epoch training (train_epoch.cpp) ----
-namespace mnist_fast {
 
 // The SGD steps of an epoch in one call: batch s is images[order[s*batch_size : (s+1)*batch_size]]
 // (the last one may be smaller), trained by train_step_sgd with learning rate lr[s] (lr: float64
@@ -95,10 +92,7 @@ std::tuple<at::Tensor, at::Tensor> train_epoch_sgd(const at::Tensor& images, con
                                                    bool nesterov, bool first_step, int64_t ignore_index,
                                                    double label_smoothing);
 
-}  // namespace mnist_fast
-
 // ---- Adam / AdamW update (cpu/adam.cpp) ----
-namespace mnist_fast {
 
 // torch.optim.Adam's update (AdamW's with decoupled_weight_decay) of every params[i] given its
 // gradient grads[i], in place with exp_avgs and exp_avg_sqs; step: the step's number, from 1.

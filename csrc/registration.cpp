@@ -71,8 +71,6 @@ std::vector<at::Tensor> train_step_workspace(const at::Tensor& input, at::Tensor
   return workspace;
 }
 
-#undef MNIST_FAST_OP
-
 TORCH_LIBRARY(mnist_fast, m) {
   m.def("linear_relu(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
   m.def(
@@ -100,16 +98,11 @@ TORCH_LIBRARY(mnist_fast, m) {
   m.def("train_step_workspace(Tensor input, Tensor[] params) -> Tensor[]", TORCH_FN(train_step_workspace));
 }
 
-}  // namespace mnist_fast
-
 // ---- fused_mlp: a whole MLP as one op (fused_mlp_impl.h) ----
-namespace mnist_fast {
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> fused_mlp_forward(const at::Tensor& input, at::TensorList weights,
                                                                  const OptionalTensorList& biases, bool log_softmax) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mnist_fast::fused_mlp_forward", "")
-                             .typed<decltype(fused_mlp_forward)>();
+  MNIST_FAST_OP("fused_mlp_forward", decltype(fused_mlp_forward));
   return op.call(input, weights, biases, log_softmax);
 }
 
@@ -121,9 +114,7 @@ at::Tensor fused_mlp(const at::Tensor& input, at::TensorList weights, const Opti
 std::tuple<at::Tensor, OptionalTensorList, OptionalTensorList> fused_mlp_backward(
     const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights, at::TensorList hidden,
     const std::optional<at::Tensor>& output, const c10::List<bool>& output_mask) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mnist_fast::_fused_mlp_backward", "")
-                             .typed<decltype(fused_mlp_backward)>();
+  MNIST_FAST_OP("_fused_mlp_backward", decltype(fused_mlp_backward));
   return op.call(grad_output, input, weights, hidden, output, output_mask);
 }
 
@@ -140,10 +131,7 @@ TORCH_LIBRARY_FRAGMENT(mnist_fast, m) {
         TORCH_FN(fused_mlp));
 }
 
-}  // namespace mnist_fast
-
 // ---- whole-epoch training (kernel: train_epoch.cpp) ----
-namespace mnist_fast {
 
 std::tuple<at::Tensor, at::Tensor> train_epoch_sgd(const at::Tensor& images, const at::Tensor& labels,
                                                    const at::Tensor& order, int64_t batch_size, const at::Tensor& lr,
@@ -151,9 +139,7 @@ std::tuple<at::Tensor, at::Tensor> train_epoch_sgd(const at::Tensor& images, con
                                                    double momentum, double dampening, double weight_decay,
                                                    bool nesterov, bool first_step, int64_t ignore_index,
                                                    double label_smoothing) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mnist_fast::train_epoch_sgd", "")
-                             .typed<decltype(train_epoch_sgd)>();
+  MNIST_FAST_OP("train_epoch_sgd", decltype(train_epoch_sgd));
   return op.call(images, labels, order, batch_size, lr, params, momentum_buffers, momentum, dampening, weight_decay,
                  nesterov, first_step, ignore_index, label_smoothing);
 }
@@ -168,16 +154,12 @@ TORCH_LIBRARY_FRAGMENT(mnist_fast, m) {
       " bool nesterov, bool first_step, int ignore_index, float label_smoothing) -> (Tensor losses, Tensor correct)");
 }
 
-}  // namespace mnist_fast
-
 // ---- Adam / AdamW update (kernel: cpu/adam.cpp) ----
-namespace mnist_fast {
 
 void adam_update(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                  int64_t step, double lr, double beta1, double beta2, double eps, double weight_decay,
                  bool decoupled_weight_decay) {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("mnist_fast::adam_update", "").typed<decltype(adam_update)>();
+  MNIST_FAST_OP("adam_update", decltype(adam_update));
   op.call(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay);
 }
 
@@ -187,5 +169,7 @@ TORCH_LIBRARY_FRAGMENT(mnist_fast, m) {
       "adam_update(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, int step,"
       " float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay) -> ()");
 }
+
+#undef MNIST_FAST_OP
 
 }  // namespace mnist_fast

@@ -5,12 +5,12 @@
 // goes away is a Python round trip, a fresh batch and the bookkeeping per step. Each batch is
 // gathered into one reused buffer and trained by the train_step_sgd op, called through the
 // dispatcher (ops.h): this file has no kernel of its own, so it runs on every backend the step
-// has (CPU, CUDA) and follows whatever the step's kernels become.
+// has (CPU, CUDA) and follows whatever the step's kernels become. Its autograd kernel is the
+// step's, in autograd.cpp.
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/stack.h>
-#include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -102,34 +102,11 @@ std::tuple<at::Tensor, at::Tensor> train_epoch_sgd_kernel(
   return {at::stack(losses), at::stack(correct)};
 }
 
-// As train_step_sgd's (autograd.cpp): the op is no differentiable function of its inputs; it
-// runs below autograd (so the steps inside skip their own autograd kernel) and marks what it
-// wrote, so that autograd sees a parameter saved for backward before the epoch as modified.
-std::tuple<at::Tensor, at::Tensor> train_epoch_sgd_autograd(
-    const at::Tensor& images, const at::Tensor& labels, const at::Tensor& order, int64_t batch_size,
-    const at::Tensor& lr, at::TensorList params, at::TensorList momentum_buffers, double momentum, double dampening,
-    double weight_decay, bool nesterov, bool first_step, int64_t ignore_index, double label_smoothing) {
-  std::tuple<at::Tensor, at::Tensor> out;
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    out = train_epoch_sgd(images, labels, order, batch_size, lr, params, momentum_buffers, momentum, dampening,
-                          weight_decay, nesterov, first_step, ignore_index, label_smoothing);
-  }
-  for (auto list : {params, momentum_buffers}) {
-    for (const auto& t : list) torch::autograd::increment_version(t);
-  }
-  return out;
-}
-
 }  // namespace
 
 // Every backend: the op only gathers and calls the step, which dispatches to its own kernels.
 TORCH_LIBRARY_IMPL(mnist_fast, CompositeExplicitAutograd, m) {
   m.impl("train_epoch_sgd", TORCH_FN(train_epoch_sgd_kernel));
-}
-
-TORCH_LIBRARY_IMPL(mnist_fast, Autograd, m) {
-  m.impl("train_epoch_sgd", TORCH_FN(train_epoch_sgd_autograd));
 }
 
 }  // namespace mnist_fast

@@ -10,7 +10,7 @@ import torch
 
 import mnist_fast  # noqa: F401  (loads the ops)
 
-from helpers import DEVICES
+from helpers import DEVICES, write_banded_dataset
 
 
 @pytest.fixture(params=DEVICES)
@@ -24,3 +24,19 @@ def device(request):
 def _seed():
     torch.manual_seed(0)
 
+
+# ---- the training script (test_train.py, test_cli_*.py) ----
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return write_banded_dataset(tmp_path / "mnist")
+
+
+@pytest.fixture
+def run(data_dir):
+    """run(*options) -> exit status of mnist_fast.train.main() on the small data set."""
+    from mnist_fast.train import main
+
+    def run_main(*options):
+        return main(["--data-dir", str(data_dir), "--no-download", "--batch-size", "32", *options])
+    return run_main

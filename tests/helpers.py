@@ -1,4 +1,5 @@
-"""What the tests share: devices, tolerances, the stock reference MLP and parity asserts.
+"""What the tests share: devices, tolerances, the stock reference MLP, parity asserts and the
+small data set of the training-script tests.
 
 Imported as a module (`from helpers import TOL`), not through conftest. Also importable by the
 scripts that run tests' cases in a child process (bad_input_cases.py) and on a GPU machine.
@@ -6,6 +7,7 @@ scripts that run tests' cases in a child process (bad_input_cases.py) and on a G
 import pytest
 import torch
 
+from mnist_fast import data
 from mnist_fast.models import stock_mlp  # noqa: F401  (the one stock reference of the lesson's MLP)
 
 CUDA = torch.cuda.is_available()
@@ -80,3 +82,32 @@ def tests_the_checkout() -> bool:
     import mnist_fast
 
     return pathlib.Path(mnist_fast.__file__).resolve().parents[1] == pathlib.Path(__file__).resolve().parents[1]
+
+
+def write_banded_dataset(folder, n_train=320, n_test=80, seed=0):
+    """A small learnable MNIST-format data set in folder (class k = a bright band at row 2k + 4), on
+    which a training run takes well under a second."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = torch.randint(0, 10, (n,), generator=g)
+        images = torch.randint(0, 96, (n, 28, 28), generator=g)
+        rows = 2 * labels + 4
+        images[torch.arange(n), rows] = 255
+        images[torch.arange(n), rows + 1] = 255
+        images_name, labels_name = data.FILES[split]
+        data.write_idx(folder / images_name, images.to(torch.uint8))
+        data.write_idx(folder / labels_name, labels.to(torch.uint8))
+    return folder
+
+
+def assert_resume_refused(run, checkpoint, capsys, change, message):
+    """Resuming a 2-epoch run's checkpoint with the options `change` fails cleanly: exit status 1,
+    `message` and no traceback on stderr, the checkpoint left as it was. run: the `run` fixture."""
+    assert run("--epochs", "2", "--checkpoint", str(checkpoint)) == 0
+    before = checkpoint.read_bytes()
+    capsys.readouterr()
+    assert run("--epochs", "2", *change, "--checkpoint", str(checkpoint), "--resume") == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert checkpoint.read_bytes() == before

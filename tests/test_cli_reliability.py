@@ -22,22 +22,10 @@ from mnist_fast import distributed, train
 from mnist_fast.checkpoint import load_checkpoint, remove_stale_temp_files, write_output
 from mnist_fast.recipe import build_model, build_optimizer
 from mnist_fast.train import main, parse_args
-from helpers import child_env
-from test_train import _assert_same_weights, _weights, write_banded_dataset
+from helpers import child_env, write_banded_dataset
+from test_train import _assert_same_weights, _weights
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    return write_banded_dataset(tmp_path / "mnist")
-
-
-@pytest.fixture
-def run(data_dir):
-    def run_main(*options):
-        return main(["--data-dir", str(data_dir), "--no-download", "--batch-size", "32", *options])
-    return run_main
 
 
 def _cli(data_dir, *options):

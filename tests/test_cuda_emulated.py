@@ -63,7 +63,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {{
 """
 
 CU_FILES = ["linear_relu", "cross_entropy", "train_step"]
-PROJECT_HEADERS = ["checks.h", "linear_relu_impl.h", "train_step_impl.h", "cuda/kernels.cuh"]
+PROJECT_HEADERS = ["checks.h", "linear_relu_impl.h", "cross_entropy_impl.h", "train_step_impl.h", "cuda/kernels.cuh"]
 
 
 def _split_top_level(text):

@@ -10,28 +10,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import mnist_fast
+from benchmarks.lesson_models import Classifier
 from mnist_fast import functional as MF
 from mnist_fast.nn import CrossEntropyLoss, FusedMLP, LinearReLU, fuse, unfuse
 
 from helpers import lesson_sequential
-
-
-class Classifier(nn.Module):
-    """The lesson's class-based network."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(784, 256)
-        self.fc2 = nn.Linear(256, 128)
-        self.fc3 = nn.Linear(128, 64)
-        self.fc4 = nn.Linear(64, 10)
-
-    def forward(self, x):
-        x = x.view(x.shape[0], -1)
-        x = F.relu(self.fc1(x))
-        x = torch.relu(self.fc2(x))
-        x = F.relu(self.fc3(x))
-        return F.log_softmax(self.fc4(x), dim=1)
 
 
 class ClassifierWithDropout(Classifier):
@@ -174,15 +157,15 @@ def test_fuse_class_based_classifier(cls):
     torch.testing.assert_close(torch.exp(fused(x)).sum(1), torch.ones(32))
 
 
-def test_fuse_forms_with_relu_modules_and_methods():
+def test_fuse_forms_with_relu_modules_methods_and_torch_relu():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b, self.c = nn.Linear(8, 6), nn.Linear(6, 5), nn.Linear(5, 3)
+            self.a, self.b, self.c, self.d = nn.Linear(8, 6), nn.Linear(6, 5), nn.Linear(5, 4), nn.Linear(4, 3)
             self.act = nn.ReLU()
 
         def forward(self, x):
-            return self.c(self.b(self.act(self.a(x))).relu()).log_softmax(-1)
+            return self.d(torch.relu(self.c(self.b(self.act(self.a(x))).relu()))).log_softmax(-1)
 
     stock = Net()
     fused = fuse_quietly(stock)

@@ -14,40 +14,10 @@ from mnist_fast import data, mnist_pickle, train
 from mnist_fast.checkpoint import (CHECKPOINT_KIND, CHECKPOINT_VERSION, CheckpointError, load_checkpoint,
                                    restore_checkpoint)
 from mnist_fast import checkpoint as checkpoint_module
-from mnist_fast.data import write_idx
 from mnist_fast.models import MNISTNet
 from mnist_fast.recipe import build_model, build_optimizer, learning_rate
 from mnist_fast.train import main, parse_args
-
-from helpers import lesson_sequential
-
-
-def write_banded_dataset(folder, n_train=320, n_test=80, seed=0):
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    for split, n in (("train", n_train), ("test", n_test)):
-        labels = torch.randint(0, 10, (n,), generator=g)
-        images = torch.randint(0, 96, (n, 28, 28), generator=g)
-        rows = 2 * labels + 4
-        images[torch.arange(n), rows] = 255
-        images[torch.arange(n), rows + 1] = 255
-        images_name, labels_name = data.FILES[split]
-        write_idx(folder / images_name, images.to(torch.uint8))
-        write_idx(folder / labels_name, labels.to(torch.uint8))
-    return folder
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    return write_banded_dataset(tmp_path / "mnist")
-
-
-@pytest.fixture
-def run(data_dir, tmp_path):
-    """run(*options) -> exit status of main() on the small data set; files go to tmp_path."""
-    def run_main(*options):
-        return main(["--data-dir", str(data_dir), "--no-download", "--batch-size", "32", *options])
-    return run_main
+from helpers import assert_resume_refused, lesson_sequential, write_banded_dataset
 
 
 def _weights(path):
@@ -300,14 +270,7 @@ def test_constant_schedule_runs_can_be_extended(run, tmp_path):
     (["--backend", "stock"], "--backend stock (checkpoint: fused)"),
 ])
 def test_resume_with_other_options_is_refused(run, tmp_path, capsys, change, message):
-    checkpoint = tmp_path / "run.pt"
-    assert run("--epochs", "2", "--checkpoint", str(checkpoint)) == 0
-    before = checkpoint.read_bytes()
-    capsys.readouterr()
-    assert run("--epochs", "2", *change, "--checkpoint", str(checkpoint), "--resume") == 1
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
-    assert checkpoint.read_bytes() == before
+    assert_resume_refused(run, tmp_path / "run.pt", capsys, change, message)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])

@@ -3,22 +3,21 @@
 // Forward: per row, the max, sum(exp(x - max)) and the loss terms; the row's max and log-sum are
 // saved for backward. Backward: one pass per row writing softmax - (smoothed) one-hot, scaled by
 // weight and reduction. The row loops are the dispatched kernels of kernels/ (one build per CPU
-// capability); this file checks, allocates, validates targets and splits the rows into blocks.
+// capability); the checks and allocations are cross_entropy_impl.h's, shared with CUDA; this file
+// validates targets and splits the rows into blocks.
 //
 // Rows are processed in fixed-size blocks, in parallel over blocks; a reduced loss adds the
 // per-block partial sums in block order, so the result does not depend on the number of threads.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
 #include <vector>
 
-#include "../checks.h"
+#include "../cross_entropy_impl.h"
 #include "cross_entropy_rows.h"
 #include "kernels/kernels.h"
 
@@ -68,39 +67,35 @@ struct Rows {
   ClassWeights<scalar_t> weights;
   cpu::CrossEntropyArgs<scalar_t> args;
 
-  Rows(const at::Tensor& input, const at::Tensor& target_, TargetKind kind, const std::optional<at::Tensor>& weight,
-       int64_t reduction, int64_t ignore_index, double label_smoothing)
-      : weights(weight, input.size(1)) {
-    const int64_t rows = input.size(0), classes = input.size(1);
-    args.input = input.data_ptr<scalar_t>();
+  explicit Rows(const CrossEntropyCall& c) : weights(c.weight, c.input.size(1)) {
+    const int64_t rows = c.input.size(0), classes = c.input.size(1);
+    args.input = c.input.data_ptr<scalar_t>();
     args.classes = classes;
     args.rows = rows;
-    args.reduction = reduction;
-    args.ignore_index = ignore_index;
-    args.opts = CrossEntropyOptions<acc_t>(classes, label_smoothing);
+    args.reduction = c.reduction;
+    args.ignore_index = c.ignore_index;
+    args.opts = CrossEntropyOptions<acc_t>(classes, c.label_smoothing);
     args.weight = weights.data();
     args.weight_total = weights.total;
-    if (kind == TargetKind::ClassIndex) {
-      target = index_targets(target_);
+    if (c.kind == TargetKind::ClassIndex) {
+      target = index_targets(c.target);
       args.target = target.data_ptr<int64_t>();
       // Every target is validated here, before any kernel reads a weight or a logit through it.
       args.target_weight_sum =
-          cpu::index_target_weight_sum(args.target, rows, classes, args.weight, ignore_index);
+          cpu::index_target_weight_sum(args.target, rows, classes, args.weight, c.ignore_index);
     } else {
-      target = target_.contiguous();
+      target = c.target.contiguous();
       args.probs = target.data_ptr<scalar_t>();
     }
   }
 };
 
 template <typename scalar_t>
-void forward(const at::Tensor& input, const at::Tensor& target, TargetKind kind,
-             const std::optional<at::Tensor>& weight, int64_t reduction, int64_t ignore_index, double label_smoothing,
-             at::Tensor& loss, at::Tensor& stats) {
+void run_forward(const CrossEntropyCall& c, at::Tensor& loss, at::Tensor& stats) {
   using acc_t = at::opmath_type<scalar_t>;
-  Rows<scalar_t> r(input, target, kind, weight, reduction, ignore_index, label_smoothing);
+  Rows<scalar_t> r(c);
   auto& a = r.args;
-  const int64_t rows = input.size(0);
+  const int64_t rows = c.input.size(0), reduction = c.reduction;
   a.stats = stats.data_ptr<double>();
   a.loss_rows = reduction == kNone ? loss.data_ptr<scalar_t>() : nullptr;
   const auto& kernel = cpu::kernels<scalar_t>().cross_entropy_forward;
@@ -122,7 +117,7 @@ void forward(const at::Tensor& input, const at::Tensor& target, TargetKind kind,
   }
   // (written directly: a fill_ through the dispatcher costs more than the kernel at batch 64)
   scalar_t& result = *loss.data_ptr<scalar_t>();
-  if (kind == TargetKind::ClassIndex) {
+  if (c.kind == TargetKind::ClassIndex) {
     result = static_cast<scalar_t>(index_reduced_loss(first_total, smooth_total, reduction, a.target_weight_sum, a.opts));
   } else {
     // Stock gives NaN for the mean of an empty input, whatever its shape.
@@ -131,66 +126,46 @@ void forward(const at::Tensor& input, const at::Tensor& target, TargetKind kind,
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(const at::Tensor& input_, const at::Tensor& target,
-                                                             const std::optional<at::Tensor>& weight,
-                                                             int64_t reduction, int64_t ignore_index,
-                                                             double label_smoothing) {
-  const auto kind = check_cross_entropy_args(input_, target, weight, reduction, ignore_index, label_smoothing);
-  const auto input = input_.contiguous();
-  const int64_t rows = input.size(0);
-  auto loss = reduction == kNone ? at::empty({rows}, input.options()) : at::empty({}, input.options());
-  auto stats = at::empty({rows, kRowStats}, input.options().dtype(logsumexp_dtype(input.scalar_type())));
-  // Stock's result for an empty batch, without per-class buffers (the class count may be huge).
-  if (rows == 0) {
-    loss.fill_(reduction == kMean ? std::numeric_limits<double>::quiet_NaN() : 0.0);
-    return {loss, stats};
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "cross_entropy_forward_cpu", [&] {
-    forward<scalar_t>(input, target, kind, weight, reduction, ignore_index, label_smoothing, loss, stats);
-  });
-  return {loss, stats};
-}
-
-std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input_,
-                                                              const at::Tensor& target,
-                                                              const std::optional<at::Tensor>& weight,
-                                                              const at::Tensor& stats_, int64_t reduction,
-                                                              int64_t ignore_index, double label_smoothing,
-                                                              std::array<bool, 2> output_mask) {
-  const auto kind = check_cross_entropy_backward_args(grad_loss, input_, target, weight, stats_, reduction,
-                                                      ignore_index, label_smoothing);
-  TORCH_CHECK(!output_mask[1] || kind == TargetKind::Probability,
-              "mnist_fast.cross_entropy_backward: class-index targets have no gradient");
-  const auto input = input_.contiguous();
-  const auto stats = stats_.contiguous();
-  at::Tensor grad_input = output_mask[0] ? at::empty_like(input) : at::Tensor();
-  at::Tensor grad_target = output_mask[1] ? at::empty_like(input) : at::Tensor();
-  if ((!output_mask[0] && !output_mask[1]) || input.numel() == 0) return {grad_input, grad_target};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "cross_entropy_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    Rows<scalar_t> r(input, target, kind, weight, reduction, ignore_index, label_smoothing);
-    auto& a = r.args;
-    a.stats = const_cast<double*>(stats.data_ptr<double>());
-    // The incoming grad: one value for a reduced loss, one per row for reduction 'none'.
-    const auto g = grad_loss.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    if (reduction == kNone) {
-      a.grad_rows = g.data_ptr<acc_t>();
-    } else {
-      a.grad_scalar = *g.data_ptr<acc_t>();
+// The backend of cross_entropy_impl.h.
+struct CpuCrossEntropy {
+  static void forward(const CrossEntropyCall& c, at::Tensor& loss, at::Tensor& stats) {
+    // Stock's result for an empty batch, without per-class buffers (the class count may be huge).
+    if (c.input.size(0) == 0) {
+      loss.fill_(c.reduction == kMean ? std::numeric_limits<double>::quiet_NaN() : 0.0);
+      return;
     }
-    a.grad_input = grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr;
-    a.grad_target = grad_target.defined() ? grad_target.data_ptr<scalar_t>() : nullptr;
-    const auto& kernel = cpu::kernels<scalar_t>().cross_entropy_backward;
-    for_each_row_block(input.size(0), a.classes, [&](int64_t, int64_t first, int64_t last) { kernel(a, first, last); });
-  });
-  return {grad_input, grad_target};
-}
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.input.scalar_type(), "cross_entropy_forward_cpu",
+                                    [&] { run_forward<scalar_t>(c, loss, stats); });
+  }
+
+  static void backward(const CrossEntropyCall& c, const at::Tensor& grad_loss, const at::Tensor& stats,
+                       at::Tensor& grad_input, at::Tensor& grad_target) {
+    if (c.input.numel() == 0) return;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.input.scalar_type(), "cross_entropy_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      Rows<scalar_t> r(c);
+      auto& a = r.args;
+      a.stats = const_cast<double*>(stats.data_ptr<double>());
+      // The incoming grad: one value for a reduced loss, one per row for reduction 'none'.
+      const auto g = grad_loss.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+      if (c.reduction == kNone) {
+        a.grad_rows = g.data_ptr<acc_t>();
+      } else {
+        a.grad_scalar = *g.data_ptr<acc_t>();
+      }
+      a.grad_input = grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr;
+      a.grad_target = grad_target.defined() ? grad_target.data_ptr<scalar_t>() : nullptr;
+      const auto& kernel = cpu::kernels<scalar_t>().cross_entropy_backward;
+      for_each_row_block(a.rows, a.classes, [&](int64_t, int64_t first, int64_t last) { kernel(a, first, last); });
+    });
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mnist_fast, CPU, m) {
-  m.impl("cross_entropy_forward", TORCH_FN(cross_entropy_forward_cpu));
-  m.impl("_cross_entropy_backward", TORCH_FN(cross_entropy_backward_cpu));
+  m.impl("cross_entropy_forward", TORCH_FN(cross_entropy_forward_impl<CpuCrossEntropy>));
+  m.impl("_cross_entropy_backward", TORCH_FN(cross_entropy_backward_impl<CpuCrossEntropy>));
 }
 
 }  // namespace mnist_fast

@@ -14,20 +14,19 @@
 // An out-of-range class index is a device-side assert, as in stock nll_loss, and is never read.
 //
 // The training step's loss pass (TrainStepLoss, cuda::train_step_loss) is a row operation here too.
+// The host side's checks and allocations are cross_entropy_impl.h's, shared with the CPU.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/sum.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 
-#include "../checks.h"
+#include "../cross_entropy_impl.h"
 #include "kernels.cuh"
 
 namespace mnist_fast {
@@ -133,29 +132,34 @@ struct Logits {
   __device__ acc_t total_weight() const { return weight_total != nullptr ? *weight_total : acc_t(classes); }
   __device__ const scalar_t* row(int64_t i) const { return x + i * classes; }
 
-  // max and sum(exp(x - max)) of a row; every lane of the group gets them.
+  // max and log(sum(exp(x - max))) of a row; every lane of the group gets them.
   template <typename Rows>
-  __device__ void stats(const Rows& g, const scalar_t* xr, acc_t& row_max, acc_t& sum_exp) const {
+  __device__ void stats(const Rows& g, const scalar_t* xr, acc_t& row_max, acc_t& log_sum) const {
     acc_t m = minus_infinity<acc_t>();
     for (int64_t c = g.lane; c < classes; c += g.lanes) m = nan_max(static_cast<acc_t>(xr[c]), m);
     m = g.max(m);
     acc_t s = 0;
     for (int64_t c = g.lane; c < classes; c += g.lanes) s += device_exp(static_cast<acc_t>(xr[c]) - m);
     row_max = m;
-    sum_exp = g.sum(s);
+    log_sum = device_log(g.sum(s));
   }
 };
 
-// The class of row i, or -1 when the row is ignored. Out of range: a device-side assert, and the
-// row is treated as ignored so that nothing is read out of bounds even without asserts.
-__device__ __forceinline__ int64_t checked_target(const int64_t* target, int64_t i, int64_t classes,
-                                                  int64_t ignore_index) {
-  const int64_t y = target[i];
-  if (y == ignore_index) return -1;
-  const bool in_range = y >= 0 && y < classes;
-  CUDA_KERNEL_ASSERT(in_range);
-  return in_range ? y : -1;
-}
+// Class-index targets, (rows,).
+struct IndexTargets {
+  const int64_t* target;
+  int64_t ignore_index;
+
+  // The class of row i, or -1 when the row is ignored. Out of range: a device-side assert, and the
+  // row is treated as ignored so that nothing is read out of bounds even without asserts.
+  __device__ __forceinline__ int64_t of(int64_t i, int64_t classes) const {
+    const int64_t y = target[i];
+    if (y == ignore_index) return -1;
+    const bool in_range = y >= 0 && y < classes;
+    CUDA_KERNEL_ASSERT(in_range);
+    return in_range ? y : -1;
+  }
+};
 
 // ---- row operations ----
 // Each has: acc_t; kSums, the number of per-row values a reduced result sums; reduces(); row(g, i,
@@ -169,27 +173,36 @@ struct NoReduction {
   __device__ void finish(const A&) const {}
 };
 
+// What the forward ops have in common: the reduction, and what they write for a row.
+struct ForwardRows {
+  int64_t reduction;
+  double* lse;  // (rows, kRowStats), float64 for every dtype (checks.h)
+
+  __host__ __device__ bool reduces() const { return reduction != kNone; }
+
+  // Row i's saved stats and, for reduction 'none', its loss.
+  template <typename scalar_t, typename acc_t>
+  __device__ void write_row(int64_t i, acc_t row_max, acc_t log_sum, acc_t row_loss, scalar_t* loss) const {
+    save_row_stats(lse + kRowStats * i, row_max, log_sum);
+    if (reduction == kNone) loss[i] = static_cast<scalar_t>(row_loss);
+  }
+};
+
 // Forward, class-index targets. Sums: nll, smoothing term, weight of the target (mean's divisor).
 template <typename scalar_t>
-struct IndexForward {
+struct IndexForward : ForwardRows {
   using acc_t = at::opmath_type<scalar_t>;
   static constexpr int kSums = 3;
   Logits<scalar_t> d;
-  const int64_t* target;
-  int64_t ignore_index;
-  int64_t reduction;
-  double* lse;      // (rows, kRowStats), float64 for every dtype (checks.h)
-  scalar_t* loss;   // (rows,) for reduction 'none', else the 0-d result
-
-  __host__ __device__ bool reduces() const { return reduction != kNone; }
+  IndexTargets targets;
+  scalar_t* loss;  // (rows,) for reduction 'none', else the 0-d result
 
   template <typename Rows>
   __device__ void row(const Rows& g, int64_t i, acc_t (&sums)[kSums]) const {
     const scalar_t* xr = d.row(i);
-    const int64_t y = checked_target(target, i, d.classes, ignore_index);
-    acc_t row_max, sum_exp;
-    d.stats(g, xr, row_max, sum_exp);
-    const acc_t log_sum = device_log(sum_exp);
+    const int64_t y = targets.of(i, d.classes);
+    acc_t row_max, log_sum;
+    d.stats(g, xr, row_max, log_sum);
     acc_t nll = 0, smooth = 0;
     if (d.opts.smoothing) {  // the same for every row: the group reduction runs on ignored rows too
       acc_t part = 0;
@@ -203,10 +216,7 @@ struct IndexForward {
     } else {
       smooth = 0;
     }
-    if (g.lane == 0) {
-      save_row_stats(lse + kRowStats * i, row_max, log_sum);
-      if (reduction == kNone) loss[i] = static_cast<scalar_t>(index_row_loss(nll, smooth, d.opts));
-    }
+    if (g.lane == 0) write_row(i, row_max, log_sum, index_row_loss(nll, smooth, d.opts), loss);
     sums[0] = nll;
     sums[1] = smooth;
     sums[2] = y >= 0 ? d.w(y) : acc_t(0);
@@ -219,34 +229,26 @@ struct IndexForward {
 
 // Forward, probability targets. Sum: the row loss.
 template <typename scalar_t>
-struct ProbForward {
+struct ProbForward : ForwardRows {
   using acc_t = at::opmath_type<scalar_t>;
   static constexpr int kSums = 1;
   Logits<scalar_t> d;
   const scalar_t* target;  // (rows, classes), contiguous
-  int64_t reduction;
-  double* lse;
   scalar_t* loss;
-
-  __host__ __device__ bool reduces() const { return reduction != kNone; }
 
   template <typename Rows>
   __device__ void row(const Rows& g, int64_t i, acc_t (&sums)[kSums]) const {
     const scalar_t* xr = d.row(i);
     const scalar_t* tr = target + i * d.classes;
-    acc_t row_max, sum_exp;
-    d.stats(g, xr, row_max, sum_exp);
-    const acc_t log_sum = device_log(sum_exp);
+    acc_t row_max, log_sum;
+    d.stats(g, xr, row_max, log_sum);
     acc_t part = 0;
     for (int64_t c = g.lane; c < d.classes; c += g.lanes) {
       const acc_t wt = d.w(c) * d.opts.smoothed_target(static_cast<acc_t>(tr[c]));
       part += prob_loss_term(neg_log_prob(static_cast<acc_t>(xr[c]), row_max, log_sum), wt);
     }
     const acc_t row_loss = g.sum(part);
-    if (g.lane == 0) {
-      save_row_stats(lse + kRowStats * i, row_max, log_sum);
-      if (reduction == kNone) loss[i] = static_cast<scalar_t>(row_loss);
-    }
+    if (g.lane == 0) write_row(i, row_max, log_sum, row_loss, loss);
     sums[0] = row_loss;
   }
 
@@ -265,15 +267,14 @@ struct TargetWeightSum {
   using acc_t = at::opmath_type<scalar_t>;
   static constexpr int kSums = 1;
   Logits<scalar_t> d;
-  const int64_t* target;
-  int64_t ignore_index;
+  IndexTargets targets;
   acc_t* result;  // 0-d
 
   __host__ __device__ bool reduces() const { return true; }
 
   template <typename Rows>
   __device__ void row(const Rows&, int64_t i, acc_t (&sums)[kSums]) const {
-    const int64_t y = checked_target(target, i, d.classes, ignore_index);
+    const int64_t y = targets.of(i, d.classes);
     sums[0] = y >= 0 ? d.w(y) : acc_t(0);
   }
 
@@ -285,8 +286,7 @@ template <typename scalar_t>
 struct IndexBackward : NoReduction {
   using acc_t = at::opmath_type<scalar_t>;
   Logits<scalar_t> d;
-  const int64_t* target;
-  int64_t ignore_index;
+  IndexTargets targets;
   int64_t reduction;
   const scalar_t* grad_loss;
   int64_t grad_stride;             // 0 for a reduced loss's 0-d grad
@@ -296,7 +296,7 @@ struct IndexBackward : NoReduction {
 
   template <typename Rows>
   __device__ void row(const Rows& g, int64_t i, acc_t (&)[kSums]) const {
-    const int64_t y = checked_target(target, i, d.classes, ignore_index);
+    const int64_t y = targets.of(i, d.classes);
     scalar_t* gr = grad_input + i * d.classes;
     const acc_t divisor = reduction == kMean ? *target_weight_sum : acc_t(1);
     const auto scales = y < 0 ? ignored_row_grad_scales(d.opts)
@@ -365,8 +365,7 @@ struct TrainStepLoss {
   Logits<scalar_t> d;
   scalar_t* logits;  // d.x, written
   const scalar_t* bias;
-  const int64_t* target;
-  int64_t ignore_index;
+  IndexTargets targets;
   math_t weight_sum;  // rows not ignored
   scalar_t* loss;
   int64_t* correct;
@@ -382,14 +381,13 @@ struct TrainStepLoss {
       const scalar_t v = xr[c], m = xr[best];
       if ((v > m) || (v != v && m == m)) best = c;  // torch.argmax: the first maximum, a NaN wins
     }
-    const int64_t y = checked_target(target, i, d.classes, ignore_index);
+    const int64_t y = targets.of(i, d.classes);
     if (y < 0) {
       for (int64_t c = 0; c < d.classes; ++c) xr[c] = scalar_t(0);
       return;
     }
-    math_t row_max, sum_exp;
-    d.stats(g, xr, row_max, sum_exp);
-    const math_t log_sum = device_log(sum_exp);
+    math_t row_max, log_sum;
+    d.stats(g, xr, row_max, log_sum);
     sums[0] = neg_log_prob(static_cast<math_t>(xr[y]), row_max, log_sum);
     if (d.opts.smoothing) {
       math_t smooth = 0;
@@ -508,118 +506,99 @@ void launch_rows(const Op& op, const RowsPlan& plan, int64_t rows, const at::Ten
 
 // ---- host side ----
 
-// Logits of a contiguous input plus the class weights; keeps the tensors it points into alive.
+// The logits, class weights and targets of a call (the targets contiguous, class indices as
+// int64); keeps the tensors it points into alive.
 template <typename scalar_t>
 struct LogitsHolder {
   using acc_t = at::opmath_type<scalar_t>;
-  at::Tensor weight, weight_total;
+  at::Tensor weight, weight_total, target;
   Logits<scalar_t> logits;
 
-  LogitsHolder(const at::Tensor& input, const std::optional<at::Tensor>& weight_arg, double label_smoothing,
-               bool needs_total)
-      : logits{input.const_data_ptr<scalar_t>(), nullptr, nullptr, input.size(0), input.size(1),
-               CrossEntropyOptions<acc_t>(input.size(1), label_smoothing)} {
-    if (!weight_arg.has_value() || !weight_arg->defined()) return;
-    weight = weight_arg->contiguous();
+  explicit LogitsHolder(const CrossEntropyCall& c)
+      : target(c.kind == TargetKind::ClassIndex ? index_targets(c.target) : c.target.contiguous()),
+        logits{c.input.const_data_ptr<scalar_t>(), nullptr, nullptr, c.input.size(0), c.input.size(1),
+               CrossEntropyOptions<acc_t>(c.input.size(1), c.label_smoothing)} {
+    if (!c.weight.has_value() || !c.weight->defined()) return;
+    weight = c.weight->contiguous();
     logits.weight = weight.const_data_ptr<scalar_t>();
-    if (needs_total && logits.opts.smoothing) {
+    // Only the class-index ops read the total, and only with smoothing.
+    if (c.kind == TargetKind::ClassIndex && logits.opts.smoothing) {
       weight_total = at::sum(weight, c10::CppTypeToScalarType<acc_t>::value);
       logits.weight_total = weight_total.const_data_ptr<acc_t>();
     }
   }
+
+  IndexTargets class_indices(int64_t ignore_index) const { return {target.const_data_ptr<int64_t>(), ignore_index}; }
+  const scalar_t* probabilities() const { return target.const_data_ptr<scalar_t>(); }
 };
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cuda(const at::Tensor& input_, const at::Tensor& target,
-                                                              const std::optional<at::Tensor>& weight,
-                                                              int64_t reduction, int64_t ignore_index,
-                                                              double label_smoothing) {
-  const auto kind = check_cross_entropy_args(input_, target, weight, reduction, ignore_index, label_smoothing);
-  const c10::cuda::CUDAGuard guard(input_.device());
-  const auto input = input_.contiguous();
-  const int64_t rows = input.size(0), classes = input.size(1);
-  auto loss = reduction == kNone ? at::empty({rows}, input.options()) : at::empty({}, input.options());
-  // Partial sums of reductions are in the accumulation type; the saved logsumexp is float64.
-  const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
-  auto lse = at::empty({rows, kRowStats}, input.options().dtype(logsumexp_dtype(input.scalar_type())));
-  const RowsPlan plan = plan_rows(rows, classes);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "cross_entropy_forward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const LogitsHolder<scalar_t> h(input, weight, label_smoothing, kind == TargetKind::ClassIndex);
-    if (kind == TargetKind::ClassIndex) {
-      const auto y = index_targets(target);
-      const IndexForward<scalar_t> op{h.logits, y.const_data_ptr<int64_t>(), ignore_index, reduction,
-                                      lse.data_ptr<double>(), loss.data_ptr<scalar_t>()};
-      launch_rows(op, plan, rows, acc_options);
-    } else {
-      const auto t = target.contiguous();
-      const ProbForward<scalar_t> op{h.logits, t.const_data_ptr<scalar_t>(), reduction, lse.data_ptr<double>(),
-                                     loss.data_ptr<scalar_t>()};
-      launch_rows(op, plan, rows, acc_options);
-    }
-  });
-  return {loss, lse};
+// Partial sums of reductions are in the accumulation type.
+at::TensorOptions accumulation_options(const at::Tensor& input) {
+  return input.options().dtype(at::toOpMathType(input.scalar_type()));
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& input_,
-                                                               const at::Tensor& target,
-                                                               const std::optional<at::Tensor>& weight,
-                                                               const at::Tensor& lse_, int64_t reduction,
-                                                               int64_t ignore_index, double label_smoothing,
-                                                               std::array<bool, 2> output_mask) {
-  const auto kind = check_cross_entropy_backward_args(grad_loss, input_, target, weight, lse_, reduction,
-                                                      ignore_index, label_smoothing);
-  TORCH_CHECK(!output_mask[1] || kind == TargetKind::Probability,
-              "mnist_fast.cross_entropy_backward: class-index targets have no gradient");
-  const c10::cuda::CUDAGuard guard(input_.device());
-  const auto input = input_.contiguous();
-  const auto lse = lse_.contiguous();
-  at::Tensor grad_input = output_mask[0] ? at::empty_like(input) : at::Tensor();
-  at::Tensor grad_target = output_mask[1] ? at::empty_like(input) : at::Tensor();
-  if (!output_mask[0] && !output_mask[1]) return {grad_input, grad_target};
-  const int64_t rows = input.size(0), classes = input.size(1);
-  // A reduced loss's grad is 0-d: every row reads element 0.
-  const int64_t grad_stride = reduction == kNone ? grad_loss.stride(0) : 0;
-  const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
-  const RowsPlan plan = plan_rows(rows, classes);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "cross_entropy_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const LogitsHolder<scalar_t> h(input, weight, label_smoothing, kind == TargetKind::ClassIndex);
-    if (kind == TargetKind::ClassIndex) {
-      const auto y = index_targets(target);
-      at::Tensor divisor;
-      if (reduction == kMean) {
-        divisor = at::empty({}, acc_options);
-        const TargetWeightSum<scalar_t> sum_op{h.logits, y.const_data_ptr<int64_t>(), ignore_index,
-                                               divisor.data_ptr<acc_t>()};
-        launch_rows(sum_op, plan_rows(rows, classes, /*lanes=*/1), rows, acc_options);
+// The backend of cross_entropy_impl.h.
+struct CudaCrossEntropy {
+  static void forward(const CrossEntropyCall& c, at::Tensor& loss, at::Tensor& lse) {
+    const int64_t rows = c.input.size(0);
+    const RowsPlan plan = plan_rows(rows, c.input.size(1));
+    const ForwardRows out{c.reduction, lse.data_ptr<double>()};
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.input.scalar_type(), "cross_entropy_forward_cuda", [&] {
+      const LogitsHolder<scalar_t> h(c);
+      if (c.kind == TargetKind::ClassIndex) {
+        const IndexForward<scalar_t> op{out, h.logits, h.class_indices(c.ignore_index), loss.data_ptr<scalar_t>()};
+        launch_rows(op, plan, rows, accumulation_options(c.input));
+      } else {
+        const ProbForward<scalar_t> op{out, h.logits, h.probabilities(), loss.data_ptr<scalar_t>()};
+        launch_rows(op, plan, rows, accumulation_options(c.input));
       }
-      const IndexBackward<scalar_t> op{{},
-                                       h.logits,
-                                       y.const_data_ptr<int64_t>(),
-                                       ignore_index,
-                                       reduction,
-                                       grad_loss.const_data_ptr<scalar_t>(),
-                                       grad_stride,
-                                       lse.const_data_ptr<double>(),
-                                       divisor.defined() ? divisor.const_data_ptr<acc_t>() : nullptr,
-                                       grad_input.data_ptr<scalar_t>()};
-      launch_rows(op, plan, rows, acc_options);
-    } else {
-      const auto t = target.contiguous();
-      const ProbBackward<scalar_t> op{{},
-                                      h.logits,
-                                      t.const_data_ptr<scalar_t>(),
-                                      reduction,
-                                      grad_loss.const_data_ptr<scalar_t>(),
-                                      grad_stride,
-                                      lse.const_data_ptr<double>(),
-                                      grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr,
-                                      grad_target.defined() ? grad_target.data_ptr<scalar_t>() : nullptr};
-      launch_rows(op, plan, rows, acc_options);
-    }
-  });
-  return {grad_input, grad_target};
-}
+    });
+  }
+
+  static void backward(const CrossEntropyCall& c, const at::Tensor& grad_loss, const at::Tensor& lse,
+                       at::Tensor& grad_input, at::Tensor& grad_target) {
+    const at::Tensor& input = c.input;
+    const int64_t rows = input.size(0), classes = input.size(1);
+    // A reduced loss's grad is 0-d: every row reads element 0.
+    const int64_t grad_stride = c.reduction == kNone ? grad_loss.stride(0) : 0;
+    const auto acc_options = accumulation_options(input);
+    const RowsPlan plan = plan_rows(rows, classes);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "cross_entropy_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const LogitsHolder<scalar_t> h(c);
+      if (c.kind == TargetKind::ClassIndex) {
+        at::Tensor divisor;
+        if (c.reduction == kMean) {
+          divisor = at::empty({}, acc_options);
+          const TargetWeightSum<scalar_t> sum_op{h.logits, h.class_indices(c.ignore_index),
+                                                 divisor.data_ptr<acc_t>()};
+          launch_rows(sum_op, plan_rows(rows, classes, /*lanes=*/1), rows, acc_options);
+        }
+        const IndexBackward<scalar_t> op{{},
+                                         h.logits,
+                                         h.class_indices(c.ignore_index),
+                                         c.reduction,
+                                         grad_loss.const_data_ptr<scalar_t>(),
+                                         grad_stride,
+                                         lse.const_data_ptr<double>(),
+                                         divisor.defined() ? divisor.const_data_ptr<acc_t>() : nullptr,
+                                         grad_input.data_ptr<scalar_t>()};
+        launch_rows(op, plan, rows, acc_options);
+      } else {
+        const ProbBackward<scalar_t> op{{},
+                                        h.logits,
+                                        h.probabilities(),
+                                        c.reduction,
+                                        grad_loss.const_data_ptr<scalar_t>(),
+                                        grad_stride,
+                                        lse.const_data_ptr<double>(),
+                                        grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr,
+                                        grad_target.defined() ? grad_target.data_ptr<scalar_t>() : nullptr};
+        launch_rows(op, plan, rows, acc_options);
+      }
+    });
+  }
+};
 
 }  // namespace
 
@@ -634,7 +613,7 @@ void train_step_loss(at::Tensor& logits, const at::Tensor& bias, const at::Tenso
     const TrainStepLoss<scalar_t> op{
         {logits.const_data_ptr<scalar_t>(), nullptr, nullptr, rows, classes,
          CrossEntropyOptions<math_t>(classes, label_smoothing)},
-        logits.data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), ignore_index,
+        logits.data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(), {target.const_data_ptr<int64_t>(), ignore_index},
         static_cast<math_t>(valid_rows), loss.data_ptr<scalar_t>(), correct.data_ptr<int64_t>()};
     launch_rows(op, plan_rows(rows, classes, /*lanes=*/1), rows, logits.options().dtype(at::kDouble));
   });
@@ -644,8 +623,8 @@ void train_step_loss(at::Tensor& logits, const at::Tensor& bias, const at::Tenso
 }  // namespace cuda
 
 TORCH_LIBRARY_IMPL(mnist_fast, CUDA, m) {
-  m.impl("cross_entropy_forward", TORCH_FN(cross_entropy_forward_cuda));
-  m.impl("_cross_entropy_backward", TORCH_FN(cross_entropy_backward_cuda));
+  m.impl("cross_entropy_forward", TORCH_FN(cross_entropy_forward_impl<CudaCrossEntropy>));
+  m.impl("_cross_entropy_backward", TORCH_FN(cross_entropy_backward_impl<CudaCrossEntropy>));
 }
 
 }  // namespace mnist_fast

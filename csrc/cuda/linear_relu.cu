@@ -13,7 +13,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
@@ -168,29 +167,9 @@ void mask_grad(const at::Tensor& grad_output, const at::Tensor& output, at::Tens
 
 }  // namespace cuda
 
-namespace {
-
-// ---- the ops ----
-
-at::Tensor linear_relu_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  return linear_relu_forward_impl(input, weight, bias, cuda::bias_relu_inplace);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(const at::Tensor& grad_output,
-                                                                         const at::Tensor& input,
-                                                                         const at::Tensor& weight,
-                                                                         const at::Tensor& output,
-                                                                         std::array<bool, 3> output_mask) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  return linear_relu_backward_impl(grad_output, input, weight, output, output_mask, cuda::mask_grad);
-}
-
-}  // namespace
-
 TORCH_LIBRARY_IMPL(mnist_fast, CUDA, m) {
-  m.impl("linear_relu", TORCH_FN(linear_relu_cuda));
-  m.impl("_linear_relu_backward", TORCH_FN(linear_relu_backward_cuda));
+  m.impl("linear_relu", TORCH_FN(linear_relu_forward_impl<cuda::bias_relu_inplace>));
+  m.impl("_linear_relu_backward", TORCH_FN(linear_relu_backward_impl<cuda::mask_grad>));
 }
 
 }  // namespace mnist_fast
