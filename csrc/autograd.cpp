@@ -41,33 +41,46 @@ void attach(const c10::intrusive_ptr<NodeT>& node, const variable_list& inputs, 
   torch::autograd::set_history(output, node);
 }
 
-struct LinearReLUBackward : public torch::autograd::Node {
-  // next edges: 0 input, 1 weight, 2 bias (invalid when absent)
-  SavedVariable input, weight, output;
+// A backward node whose saved tensors are one list, released together after backward (unless
+// retain_graph). save(t, is_output): is_output for the node's own output (saved after attach).
+class SavedTensorsNode : public torch::autograd::Node {
+ public:
+  explicit SavedTensorsNode(const char* name) : name_(name) {}
+  std::string name() const override { return name_; }
+  void release_variables() override {
+    for (auto& v : saved_) v.reset_data();
+  }
+  void save(const at::Tensor& t, bool is_output = false) { saved_.emplace_back(t, is_output); }
+
+ protected:
+  at::Tensor saved(size_t i) { return saved_[i].unpack(getptr()); }
+
+ private:
+  const char* name_;
+  std::vector<SavedVariable> saved_;
+};
+
+struct LinearReLUBackward : public SavedTensorsNode {
+  // next edges: 0 input, 1 weight, 2 bias (invalid when absent); saved: input, weight, output
+  LinearReLUBackward() : SavedTensorsNode("LinearReLUBackward") {}
 
   variable_list apply(variable_list&& grads) override {
     variable_list out(num_outputs());
     if (!grads[0].defined()) return out;
-    const auto self = getptr();
     auto [grad_input, grad_weight, grad_bias] = linear_relu_backward(
-        grads[0], input.unpack(self), weight.unpack(self), output.unpack(self),
+        grads[0], saved(0), saved(1), saved(2),
         {task_should_compute_output(0), task_should_compute_output(1), task_should_compute_output(2)});
     out[0] = std::move(grad_input);
     out[1] = std::move(grad_weight);
     out[2] = std::move(grad_bias);
     return out;
   }
-  std::string name() const override { return "LinearReLUBackward"; }
-  void release_variables() override {
-    input.reset_data();
-    weight.reset_data();
-    output.reset_data();
-  }
 };
 
-struct CrossEntropyBackward : public torch::autograd::Node {
-  // next edges: 0 input, 1 target (probabilities that require grad), 2 weight (when given)
-  SavedVariable input, target, weight, stats;
+struct CrossEntropyBackward : public SavedTensorsNode {
+  // next edges: 0 input, 1 target (probabilities that require grad), 2 weight (when given);
+  // saved: input, target, weight (undefined when absent), the row stats
+  CrossEntropyBackward() : SavedTensorsNode("CrossEntropyBackward") {}
   bool has_weight = false;
   int64_t reduction = 0, ignore_index = 0;
   double label_smoothing = 0.0;
@@ -78,21 +91,12 @@ struct CrossEntropyBackward : public torch::autograd::Node {
     variable_list out(num_outputs());
     const bool want_input = task_should_compute_output(0), want_target = task_should_compute_output(1);
     if (!grads[0].defined() || !(want_input || want_target)) return out;
-    const auto self = getptr();
-    const std::optional<at::Tensor> w = has_weight ? std::optional<at::Tensor>(weight.unpack(self)) : std::nullopt;
-    auto [grad_input, grad_target] =
-        cross_entropy_backward(grads[0], input.unpack(self), target.unpack(self), w, stats.unpack(self), reduction,
-                               ignore_index, label_smoothing, {want_input, want_target});
+    const std::optional<at::Tensor> w = has_weight ? std::optional<at::Tensor>(saved(2)) : std::nullopt;
+    auto [grad_input, grad_target] = cross_entropy_backward(grads[0], saved(0), saved(1), w, saved(3), reduction,
+                                                            ignore_index, label_smoothing, {want_input, want_target});
     out[0] = std::move(grad_input);
     out[1] = std::move(grad_target);
     return out;
-  }
-  std::string name() const override { return "CrossEntropyBackward"; }
-  void release_variables() override {
-    input.reset_data();
-    target.reset_data();
-    weight.reset_data();
-    stats.reset_data();
   }
 };
 
@@ -173,9 +177,9 @@ at::Tensor linear_relu_autograd(const at::Tensor& input, const at::Tensor& weigh
   }();
   auto node = c10::make_intrusive<LinearReLUBackward>();
   attach(node, {input, weight, bias.value_or(at::Tensor())}, output);
-  node->input = SavedVariable(input, /*is_output=*/false);
-  node->weight = SavedVariable(weight, false);
-  node->output = SavedVariable(output, true);  // after attach: saved as this node's own output
+  node->save(input);
+  node->save(weight);
+  node->save(output, /*is_output=*/true);
   return output;
 }
 
@@ -242,10 +246,10 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_autograd(const at::Tens
   const at::Tensor w = weight.value_or(at::Tensor());
   auto node = c10::make_intrusive<CrossEntropyBackward>();
   attach(node, {input, target, w}, loss);
-  node->input = SavedVariable(input, /*is_output=*/false);
-  node->target = SavedVariable(target, false);
-  node->weight = SavedVariable(w, false);
-  node->stats = SavedVariable(stats, false);  // no history: not differentiable
+  node->save(input);
+  node->save(target);
+  node->save(w);
+  node->save(stats);  // no history: not differentiable
   node->has_weight = w.defined();
   node->reduction = reduction;
   node->ignore_index = ignore_index;
@@ -351,23 +355,22 @@ void forbid_forward_ad(const at::Tensor& input, at::TensorList weights, const Op
               "supported; run the stock layers for it (mnist_fast.nn.unfuse(model))");
 }
 
-struct FusedMLPBackward : public torch::autograd::Node {
-  // next edges: input, every weight, then the biases that exist, in layer order
-  SavedVariable input, output;  // output: saved only after a final log-softmax
-  std::vector<SavedVariable> weights, hidden;
-  std::vector<bool> has_bias;
+struct FusedMLPBackward : public SavedTensorsNode {
+  // next edges: input, every weight, then the biases that exist, in layer order;
+  // saved: input, the L weights, the L - 1 hidden outputs, then the output after a final log-softmax
+  FusedMLPBackward() : SavedTensorsNode("FusedMLPBackward") {}
+  std::vector<bool> has_bias;  // one per layer
   bool has_output = false;
 
   variable_list apply(variable_list&& grads) override {
     variable_list out(num_outputs());
     if (!grads[0].defined()) return out;  // the output took no part in what is differentiated
-    const auto self = getptr();
-    const size_t layers = weights.size();
+    const size_t layers = has_bias.size();
     std::vector<at::Tensor> w, h;
-    for (const auto& v : weights) w.push_back(v.unpack(self));
-    for (const auto& v : hidden) h.push_back(v.unpack(self));
+    for (size_t l = 0; l < layers; ++l) w.push_back(saved(1 + l));
+    for (size_t l = 0; l + 1 < layers; ++l) h.push_back(saved(1 + layers + l));
     std::optional<at::Tensor> y;
-    if (has_output) y = output.unpack(self);
+    if (has_output) y = saved(2 * layers);
     c10::List<bool> mask({task_should_compute_output(0)});
     size_t edge = 1 + layers;
     for (size_t l = 0; l < layers; ++l) {
@@ -375,7 +378,7 @@ struct FusedMLPBackward : public torch::autograd::Node {
       mask.push_back(has_bias[l] && task_should_compute_output(edge));
       edge += has_bias[l];
     }
-    auto [grad_input, grad_weights, grad_biases] = fused_mlp_backward(grads[0], input.unpack(self), w, h, y, mask);
+    auto [grad_input, grad_weights, grad_biases] = fused_mlp_backward(grads[0], saved(0), w, h, y, mask);
     out[0] = std::move(grad_input);
     edge = 1 + layers;
     for (size_t l = 0; l < layers; ++l) {
@@ -383,13 +386,6 @@ struct FusedMLPBackward : public torch::autograd::Node {
       if (has_bias[l]) out[edge++] = grad_biases.get(l).value_or(at::Tensor());
     }
     return out;
-  }
-  std::string name() const override { return "FusedMLPBackward"; }
-  void release_variables() override {
-    input.reset_data();
-    output.reset_data();
-    for (auto& v : weights) v.reset_data();
-    for (auto& v : hidden) v.reset_data();
   }
 };
 
@@ -419,12 +415,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_mlp_forward_autograd(const
   edges.insert(edges.end(), weights.begin(), weights.end());
   edges.insert(edges.end(), present_biases.begin(), present_biases.end());
   attach(node, edges, output);  // the hidden outputs get no history: they are not differentiable
-  node->input = SavedVariable(input, /*is_output=*/false);
-  for (const auto& w : weights) node->weights.emplace_back(w, false);
-  for (const auto& h : hidden) node->hidden.emplace_back(h, false);
+  node->save(input);
+  for (const auto& w : weights) node->save(w);
+  for (const auto& h : hidden) node->save(h);
   for (size_t l = 0; l < biases.size(); ++l) node->has_bias.push_back(biases.get(l).has_value() && biases.get(l)->defined());
   if (log_softmax) {
-    node->output = SavedVariable(output, true);
+    node->save(output, /*is_output=*/true);
     node->has_output = true;
   }
   return {output, std::move(hidden)};

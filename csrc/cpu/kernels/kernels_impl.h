@@ -111,55 +111,45 @@ inline Vec<acc_t> softmax_of(const Vec<acc_t>& x, const Vec<acc_t>& row_max, con
   return exp_nonpositive(neg_log_prob(x, row_max, log_sum).neg());
 }
 
-// ---- transposes between n <= L rows of C <= kShortRow values (row-major, contiguous) and
-// C columns of L lanes (column c at cols + c * L) ----
+// ---- transposes between n <= L rows of C <= kShortRow values (row-major, contiguous: element
+// (r, c) at rows[r * C + c]) and C columns of L lanes (at cols[c * L + r]) ----
 
-template <typename acc_t>
-inline void rows_to_columns(const acc_t* rows, int64_t n, int64_t C, acc_t* cols) {
+template <bool kToColumns, typename acc_t>
+inline void transpose_block(const acc_t* src, int64_t n, int64_t C, acc_t* dst) {
   constexpr int64_t L = Vec<acc_t>::size();
+  const int64_t src_ld = kToColumns ? C : L, dst_ld = kToColumns ? L : C;  // strides of a row / a column
+  auto copy_columns = [&](int64_t c0) {  // columns c0.. one value at a time
+    for (int64_t c = c0; c < C; ++c) {
+      for (int64_t r = 0; r < n; ++r) {
+        if constexpr (kToColumns) dst[c * L + r] = src[r * C + c];
+        else dst[r * C + c] = src[c * L + r];
+      }
+    }
+  };
 #if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<acc_t, float>) {  // a hardware gather per class (faster here than transposes)
-    using Index = at::vec::Vectorized<int32_t>;
+  if constexpr (kToColumns && std::is_same_v<acc_t, float>) {  // a hardware gather per class (faster here
+    using Index = at::vec::Vectorized<int32_t>;                 // than register transposes)
     const Index index = at::vec::minimum(Index::arange(0, 1), Index(static_cast<int32_t>(n - 1))) *
                         Index(static_cast<int32_t>(C));
-    for (int64_t c = 0; c < C; ++c) at::vec::gather<sizeof(float)>(rows + c, index).store(cols + c * L);
+    for (int64_t c = 0; c < C; ++c) at::vec::gather<sizeof(float)>(src + c, index).store(dst + c * L);
     return;
   }
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<acc_t, float>) {
     if (n == L) {  // 8x8 register transposes, then the last C % 8 classes one by one
       int64_t c0 = 0;
-      for (; c0 + L <= C; c0 += L) at::vec::transpose_mxn<float, 8, 8>(rows + c0, C, cols + c0 * L, L);
-      for (int64_t c = c0; c < C; ++c) {
-        for (int64_t r = 0; r < n; ++r) cols[c * L + r] = rows[r * C + c];
+      for (; c0 + L <= C; c0 += L) {
+        const int64_t src0 = kToColumns ? c0 : c0 * L, dst0 = kToColumns ? c0 * L : c0;
+        at::vec::transpose_mxn<float, 8, 8>(src + src0, src_ld, dst + dst0, dst_ld);
       }
+      copy_columns(c0);
       return;
     }
   }
 #endif
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t c = 0; c < C; ++c) cols[c * L + r] = rows[r * C + c];
-  }
-}
-
-template <typename acc_t>
-inline void columns_to_rows(const acc_t* cols, int64_t n, int64_t C, acc_t* rows) {
-  constexpr int64_t L = Vec<acc_t>::size();
-#if defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<acc_t, float>) {
-    if (n == L) {
-      int64_t c0 = 0;
-      for (; c0 + L <= C; c0 += L) at::vec::transpose_mxn<float, 8, 8>(cols + c0 * L, L, rows + c0, C);
-      for (int64_t c = c0; c < C; ++c) {
-        for (int64_t r = 0; r < n; ++r) rows[r * C + c] = cols[c * L + r];
-      }
-      return;
-    }
-  }
-#endif
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t c = 0; c < C; ++c) rows[r * C + c] = cols[c * L + r];
-  }
+  (void)src_ld;
+  (void)dst_ld;
+  copy_columns(0);
 }
 
 // ---- cross-entropy ----
@@ -191,11 +181,11 @@ struct CrossEntropyKernels {
     // Rows r < n of a (rows, classes) matrix; the lanes of missing rows repeat row n - 1.
     void load_rows(const scalar_t* x, int64_t n, int64_t classes) {
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        rows_to_columns(x, n, classes, &v[0][0]);
+        transpose_block<true>(x, n, classes, &v[0][0]);
       } else {  // bfloat16 / float16: converted as contiguous vectors first
         alignas(64) acc_t flat[kShortRow * L];
         for (int64_t k = 0; k < n * classes; k += L) load<acc_t>(x + k, std::min(L, n * classes - k)).store(flat + k);
-        rows_to_columns(flat, n, classes, &v[0][0]);
+        transpose_block<true>(flat, n, classes, &v[0][0]);
       }
       for (int64_t c = 0; c < classes; ++c) {
         for (int64_t r = n; r < L; ++r) v[c][r] = v[c][n - 1];
@@ -203,10 +193,10 @@ struct CrossEntropyKernels {
     }
     void store_rows(scalar_t* x, int64_t n, int64_t classes) const {
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        columns_to_rows(&v[0][0], n, classes, x);
+        transpose_block<false>(&v[0][0], n, classes, x);
       } else {
         alignas(64) acc_t flat[kShortRow * L];
-        columns_to_rows(&v[0][0], n, classes, flat);
+        transpose_block<false>(&v[0][0], n, classes, flat);
         for (int64_t k = 0; k < n * classes; k += L) store(x + k, V::loadu(flat + k), std::min(L, n * classes - k));
       }
     }
