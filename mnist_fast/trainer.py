@@ -315,7 +315,7 @@ class FusedTrainer(torch.optim.Optimizer):
         if fused is not None:
             buffers, first_step = fused
             loss, correct = _train_step_sgd(
-                x, labels, params, buffers, self._workspace(x)[0], lr, group["momentum"], group["dampening"],
+                x, labels, params, buffers, self._workspace(x), lr, group["momentum"], group["dampening"],
                 group["weight_decay"], group["nesterov"], first_step, self.ignore_index, self.label_smoothing)
             if first_step:  # only once the step went through: a rejected batch leaves no state behind
                 self._store_buffers(params, buffers)
@@ -324,7 +324,7 @@ class FusedTrainer(torch.optim.Optimizer):
             self._check_sgd(group, lr)
         else:
             check_adam({**group, "lr": lr})
-        workspace, flat = self._workspace(x)
+        workspace, flat = self._workspace_and_grads(x)
         loss, correct = _train_step_grads(x, labels, params, workspace, self.ignore_index, self.label_smoothing)
         if self._world_size > 1:  # averaged as DistributedDataParallel does: divided, then summed
             flat.div_(self._world_size)
@@ -403,7 +403,11 @@ class FusedTrainer(torch.optim.Optimizer):
                     "model (new_trainer.load_state_dict(trainer.state_dict()) keeps the optimizer state)")
         return self._params
 
-    def _workspace(self, x: Tensor) -> Tuple[List[Tensor], Tensor]:
+    def _workspace(self, x: Tensor) -> List[Tensor]:
+        """The op's workspace for x's batch size."""
+        return self._workspace_and_grads(x)[0]
+
+    def _workspace_and_grads(self, x: Tensor) -> Tuple[List[Tensor], Tensor]:
         """The op's workspace for x's batch size, the parameters' gradients in it as views of one flat
         buffer (returned too): the all-reduce sends that buffer whole."""
         key = (x.shape[0], x.dtype, x.device)
