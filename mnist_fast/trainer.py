@@ -337,7 +337,7 @@ class FusedTrainer(torch.optim.Optimizer):
             return loss, correct
         momentum = group["momentum"]
         buffers = self._momentum_buffer_list(params) if momentum != 0.0 else []
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():  # new buffers: not inference tensors
             _sgd(params, grads, buffers, weight_decay=group["weight_decay"], momentum=momentum, lr=lr,
                  dampening=group["dampening"], nesterov=group["nesterov"], maximize=False)
         if momentum != 0.0:

@@ -257,6 +257,22 @@ def test_frozen_at_construction_trains_the_rest_and_fit_epoch_too():
     assert_same_params(model, ref, **F32)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_the_update_after_the_grads_op_starts_under_inference_mode_too(optimizer):
+    # The state a first step makes under inference_mode must be writable by the steps after it.
+    ref, opt, model, trainer = pair(optimizer, lr=0.05, **({"momentum": 0.9} if optimizer == "sgd" else {}))
+    model[0].bias.requires_grad_(False)  # the path through train_step_grads for SGD too
+    ref[0].bias.requires_grad_(False)
+    for i, (x, y) in enumerate(batches(3)):
+        if i == 0:
+            with torch.inference_mode():
+                trainer.step(x, y)
+        else:
+            trainer.step(x, y)
+        stock_step(ref, opt, x, y)
+    assert_same_params(model, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("replace", ["load_state_dict(assign=True)", "new nn.Parameter"])
 def test_a_replaced_parameter_is_refused_at_the_next_step(replace):
     _, _, model, trainer = pair(lr=0.1, momentum=0.9)
