@@ -329,11 +329,25 @@ using TrainStepAutograd = OptimizerAutograd<train_step_sgd, kTrainStepSgd>;
 // The epoch's steps run below autograd too: they see no tangent (none is refused, as before).
 using TrainEpochAutograd = OptimizerAutograd<train_epoch_sgd, nullptr>;
 
+// The gradients alone: no derivative either; only the workspace is written.
+std::tuple<at::Tensor, at::Tensor> train_step_grads_autograd(const at::Tensor& input, const at::Tensor& target,
+                                                             at::TensorList params, at::TensorList workspace,
+                                                             int64_t ignore_index, double label_smoothing) {
+  TORCH_CHECK(!has_tangent(input, target) && !torch::autograd::isFwGradDefinedTensorList(params),
+              "mnist_fast.train_step_grads: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
+              "supported");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  auto out = train_step_grads(input, target, params, workspace, ignore_index, label_smoothing);
+  for (const auto& t : workspace) torch::autograd::increment_version(t);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mnist_fast, Autograd, m) {
   m.impl("train_step_sgd", TORCH_FN(TrainStepAutograd::call));
   m.impl("train_epoch_sgd", TORCH_FN(TrainEpochAutograd::call));
+  m.impl("train_step_grads", TORCH_FN(train_step_grads_autograd));
   m.impl("linear_relu", TORCH_FN(linear_relu_autograd));
   m.impl("cross_entropy_forward", TORCH_FN(cross_entropy_forward_autograd));
   m.impl("_linear_relu_backward", TORCH_FN(linear_relu_backward_autograd));

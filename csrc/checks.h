@@ -227,8 +227,7 @@ inline void check_sgd_options(double lr, double momentum, double dampening, doub
 inline void check_train_step_args(const at::Tensor& input, const at::Tensor& target, at::TensorList params,
                                   at::TensorList momentum_buffers, at::TensorList workspace, double lr,
                                   double momentum, double dampening, double weight_decay, bool nesterov,
-                                  double label_smoothing) {
-  constexpr const char* op = "mnist_fast.train_step_sgd";
+                                  double label_smoothing, const char* op = "mnist_fast.train_step_sgd") {
   check_train_step_params(input, params, op);
   TORCH_CHECK(target.device() == input.device(), op, ": expected target on the same device as input (",
               input.device(), "), got ", target.device());

@@ -101,3 +101,14 @@ void adam_update(at::TensorList params, at::TensorList grads, at::TensorList exp
                  bool decoupled_weight_decay);
 
 }  // namespace mnist_fast
+
+// ---- the gradients of a training step (train_step_impl.h) ----
+namespace mnist_fast {
+
+// train_step_sgd without the update: params stay as they are; the workspace's last params.size()
+// tensors hold their gradients. Returns (loss, correct).
+std::tuple<at::Tensor, at::Tensor> train_step_grads(const at::Tensor& input, const at::Tensor& target,
+                                                    at::TensorList params, at::TensorList workspace,
+                                                    int64_t ignore_index, double label_smoothing);
+
+}  // namespace mnist_fast

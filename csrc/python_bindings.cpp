@@ -33,6 +33,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("input"), py::arg("target"), py::arg("params"), py::arg("momentum_buffers"), py::arg("workspace"),
         py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
         py::arg("first_step"), py::arg("ignore_index"), py::arg("label_smoothing"), without_gil());
+  m.def("train_step_grads",
+        [](const at::Tensor& input, const at::Tensor& target, const std::vector<at::Tensor>& params,
+           const std::vector<at::Tensor>& workspace, int64_t ignore_index, double label_smoothing) {
+          return mnist_fast::train_step_grads(input, target, params, workspace, ignore_index, label_smoothing);
+        },
+        "train_step_sgd without the update: the gradients in the workspace; returns (loss, correct)",
+        py::arg("input"), py::arg("target"), py::arg("params"), py::arg("workspace"), py::arg("ignore_index"),
+        py::arg("label_smoothing"), without_gil());
   m.def("check_sgd_options",
         [](double lr, double momentum, double dampening, double weight_decay, bool nesterov) {
           mnist_fast::check_sgd_options(lr, momentum, dampening, weight_decay, nesterov, "mnist_fast.FusedTrainer");

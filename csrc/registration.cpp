@@ -173,3 +173,25 @@ TORCH_LIBRARY_FRAGMENT(mnist_fast, m) {
 #undef MNIST_FAST_OP
 
 }  // namespace mnist_fast
+
+// ---- the gradients of a training step, without the update (kernels: cpu/ and cuda/train_step) ----
+namespace mnist_fast {
+
+std::tuple<at::Tensor, at::Tensor> train_step_grads(const at::Tensor& input, const at::Tensor& target,
+                                                    at::TensorList params, at::TensorList workspace,
+                                                    int64_t ignore_index, double label_smoothing) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mnist_fast::train_step_grads", "")
+                             .typed<decltype(train_step_grads)>();
+  return op.call(input, target, params, workspace, ignore_index, label_smoothing);
+}
+
+TORCH_LIBRARY_FRAGMENT(mnist_fast, m) {
+  // train_step_sgd's forward, loss and backward: params are left as they are, the workspace holds
+  // their gradients (FusedTrainer's Adam update and gradient all-reduce). Returns (loss, correct).
+  m.def(
+      "train_step_grads(Tensor input, Tensor target, Tensor[] params, Tensor(a!)[] workspace, int ignore_index,"
+      " float label_smoothing) -> (Tensor loss, Tensor correct)");
+}
+
+}  // namespace mnist_fast

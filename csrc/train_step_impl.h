@@ -1,7 +1,8 @@
-// The parts of train_step_sgd that are the same on every backend: the argument checks, the GEMMs
-// through ATen (MKL/oneDNN, cuBLAS), the workspace and the order of the passes. Each backend passes
-// in its kernels (cpu/train_step.cpp, cuda/train_step.cu), a struct with these static functions, and
-// registers train_step_sgd_impl<its kernels> as its kernel of the op:
+// The parts of train_step_sgd (and train_step_grads) that are the same on every backend: the
+// argument checks, the GEMMs through ATen (MKL/oneDNN, cuBLAS), the workspace and the order of the
+// passes. Each backend passes in its kernels (cpu/train_step.cpp, cuda/train_step.cu), a struct with
+// these static functions, and registers train_step_sgd_impl<its kernels> and
+// train_step_grads_impl<its kernels> as its kernels of the two ops:
 //   valid_rows(target, classes, ignore_index)        raises IndexError for a class index out of
 //                                                    range; returns the number of rows not ignored
 //   bias_relu_inplace(z, bias)                       z = relu(z + bias), linear_relu's epilogue
@@ -21,6 +22,8 @@
 //              (GEMM), then the ReLU mask of G_{l-1} in place with the bias grad in the same pass
 //   update     SGD of W_l and b_l as soon as their grads exist (every grad depends on the old
 //              parameters only, so this is the math of a stock step)
+// train_step_grads_impl is the same pass without the update: the parameters stay as they are and
+// the workspace holds their gradients, for an update made elsewhere (Adam's; an all-reduce first).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -43,15 +46,11 @@ struct SgdArgs {
   bool first_step;  // no momentum buffer yet: it starts as the gradient
 };
 
+// The step on checked arguments; sgd null: the gradients only.
 template <typename Kernels>
-std::tuple<at::Tensor, at::Tensor> train_step_sgd_impl(const at::Tensor& input, const at::Tensor& target_,
-                                                       at::TensorList params, at::TensorList momentum_buffers,
-                                                       at::TensorList workspace, double lr, double momentum,
-                                                       double dampening, double weight_decay, bool nesterov,
-                                                       bool first_step, int64_t ignore_index,
-                                                       double label_smoothing) {
-  check_train_step_args(input, target_, params, momentum_buffers, workspace, lr, momentum, dampening, weight_decay,
-                        nesterov, label_smoothing);
+std::tuple<at::Tensor, at::Tensor> train_step(const at::Tensor& input, const at::Tensor& target_, at::TensorList params,
+                                              at::TensorList momentum_buffers, at::TensorList workspace,
+                                              const SgdArgs* sgd, int64_t ignore_index, double label_smoothing) {
   // After the checks, so that an input on the wrong device gets their message (not a CUDAGuard's).
   const c10::OptionalDeviceGuard guard(input.device());
   const TrainStepTensors s{input.contiguous(), params, workspace};
@@ -78,7 +77,6 @@ std::tuple<at::Tensor, at::Tensor> train_step_sgd_impl(const at::Tensor& input, 
     Kernels::loss_and_logit_grad(logits, s.bias(last), target, valid_rows, ignore_index, label_smoothing,
                                  last_bias_grad, loss, correct);
   }
-  const SgdArgs sgd{lr, momentum, dampening, weight_decay, nesterov, first_step};
   for (int64_t l = last; l >= 0; --l) {
     const at::Tensor dz = l == last ? s.output(l) : s.output_grad(l);  // d loss / d pre-activation of layer l
     {
@@ -92,12 +90,36 @@ std::tuple<at::Tensor, at::Tensor> train_step_sgd_impl(const at::Tensor& input, 
       auto gw = s.param_grad(2 * l);
       at::mm_out(gw, dz.t(), s.layer_input(l));
     }
+    if (sgd == nullptr) continue;
     RECORD_FUNCTION("mnist_fast::train_step_sgd::sgd_update", std::vector<c10::IValue>());
     for (int64_t k = 2 * l; k <= 2 * l + 1; ++k) {
-      Kernels::sgd_update(params[k], s.param_grad(k), momentum != 0.0 ? momentum_buffers[k] : at::Tensor(), sgd);
+      Kernels::sgd_update(params[k], s.param_grad(k), sgd->momentum != 0.0 ? momentum_buffers[k] : at::Tensor(),
+                          *sgd);
     }
   }
   return {loss, correct};
+}
+
+template <typename Kernels>
+std::tuple<at::Tensor, at::Tensor> train_step_sgd_impl(const at::Tensor& input, const at::Tensor& target,
+                                                       at::TensorList params, at::TensorList momentum_buffers,
+                                                       at::TensorList workspace, double lr, double momentum,
+                                                       double dampening, double weight_decay, bool nesterov,
+                                                       bool first_step, int64_t ignore_index,
+                                                       double label_smoothing) {
+  check_train_step_args(input, target, params, momentum_buffers, workspace, lr, momentum, dampening, weight_decay,
+                        nesterov, label_smoothing);
+  const SgdArgs sgd{lr, momentum, dampening, weight_decay, nesterov, first_step};
+  return train_step<Kernels>(input, target, params, momentum_buffers, workspace, &sgd, ignore_index, label_smoothing);
+}
+
+template <typename Kernels>
+std::tuple<at::Tensor, at::Tensor> train_step_grads_impl(const at::Tensor& input, const at::Tensor& target,
+                                                         at::TensorList params, at::TensorList workspace,
+                                                         int64_t ignore_index, double label_smoothing) {
+  check_train_step_args(input, target, params, {}, workspace, 0.0, 0.0, 0.0, 0.0, false, label_smoothing,
+                        "mnist_fast.train_step_grads");
+  return train_step<Kernels>(input, target, params, {}, workspace, nullptr, ignore_index, label_smoothing);
 }
 
 }  // namespace mnist_fast

@@ -223,6 +223,13 @@ def _train_step_sgd_fake(input, target, params, momentum_buffers, workspace, lr,
     return input.new_empty(()), input.new_empty((), dtype=torch.int64)
 
 
+# train_step_grads: train_step_sgd without the update; it writes the workspace alone.
+@torch.library.register_fake("mnist_fast::train_step_grads")
+def _train_step_grads_fake(input, target, params, workspace, ignore_index, label_smoothing):
+    _check_train_step(input, target, params, [], workspace, 0.0, 0.0, 0.0, 0.0, False, label_smoothing)
+    return input.new_empty(()), input.new_empty((), dtype=torch.int64)
+
+
 # ---- fused_mlp (a whole MLP as one op) ----
 
 def _check_mlp_chain(input, weights, biases):

@@ -1,7 +1,9 @@
 """Multi-process runs of mnist_fast.train.
 
 Multi-process: under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel
-(gloo on CPU, nccl on CUDA); each rank trains on its shard of every shuffled epoch with
+(gloo on CPU, nccl on CUDA); with --backend fused-step, FusedTrainer does DDP's part instead (rank
+0's parameters broadcast at the start, the gradients averaged by one all-reduce per step, between
+the fused backward and the update). Each rank trains on its shard of every shuffled epoch with
 --batch-size samples per step; rank 0 alone evaluates, prints and writes files.
 
 A process that waits at a collective (the gradient all-reduce, a barrier) for longer than

@@ -59,15 +59,14 @@ def build_optimizer(args, parameters) -> torch.optim.Optimizer:
 
 
 def build_fused_trainer(args, model) -> FusedTrainer:
-    """--backend fused-step: the same SGD (momentum, weight decay) and smoothed loss as build_optimizer and
-    training_criterion, in one op per step."""
-    return FusedTrainer(model, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                        label_smoothing=args.label_smoothing)
+    """--backend fused-step: the same SGD (momentum, weight decay) or Adam (L2 weight decay, not AdamW's) and
+    smoothed loss as build_optimizer and training_criterion, in one op per step. Under torchrun the trainer
+    all-reduces the gradients itself (torch.distributed is initialized by then)."""
+    options = {"momentum": args.momentum} if args.optimizer == "sgd" else {}
+    return FusedTrainer(model, lr=args.lr, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+                        optimizer=args.optimizer, **options)
 
 
-def set_learning_rate(optimizer, lr: float) -> None:
-    if isinstance(optimizer, FusedTrainer):
-        optimizer.lr = lr
-    else:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:  # FusedTrainer's too: it is an Optimizer
+        group["lr"] = lr

@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
              "(default: 0); scores are always plain cross-entropy")
     add("--backend", choices=("fused", "fused-step", "stock"), default="fused",
         help="fused (default): mnist_fast's MNISTNet + CrossEntropyLoss; fused-step: the same model "
-             "trained by mnist_fast.FusedTrainer (forward, loss, backward and SGD update in one op); "
+             "trained by mnist_fast.FusedTrainer (forward, loss, backward and the SGD or Adam update in one op, "
+             "the gradient all-reduce in between under torchrun); "
              "stock: the lesson's nn.Sequential + LogSoftmax + NLLLoss")
     add("--loader", choices=("tensor", "dataloader"), default="tensor",
         help="tensor (default): batches cut from whole tensors; "
@@ -148,12 +149,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("this build of mnist_fast has no CUDA kernels: rebuild it where nvcc is found, "
                      "or pass --device cpu or --backend stock")
     if args.backend == "fused-step":
-        if args.optimizer != "sgd":
-            parser.error("--backend fused-step runs SGD; use --optimizer sgd (or --backend fused for adam)")
         if args.compile:
             parser.error("--backend fused-step is already one op per step; drop --compile")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            parser.error("--backend fused-step has no gradient all-reduce; use --backend fused under torchrun")
+        if args.optimizer != "sgd" and uses_cuda:
+            parser.error(f"--backend fused-step --optimizer {args.optimizer} runs on the CPU only; pass --device cpu "
+                         "(or --backend fused)")
     if args.show > MAX_SHOW:
         parser.error(f"--show: at most {MAX_SHOW} images, got {args.show}")
     if (args.plot or args.show) and importlib.util.find_spec("matplotlib") is None:

@@ -1,4 +1,5 @@
-"""FusedTrainer: a whole SGD training step of an MLP classifier in one fused op.
+"""FusedTrainer: a whole SGD (or Adam) training step of an MLP classifier in one fused op, as a
+torch.optim.Optimizer.
 
     trainer = FusedTrainer(model, lr=0.01, momentum=0.9)
     for images, labels in loader:
@@ -12,7 +13,11 @@ per batch size. It is the same mathematics as
 
 with `optimizer = torch.optim.SGD(model.parameters(), ...)`, and the model's Parameters are updated
 in place: they stay the single source of truth (model.state_dict(), checkpoints, evaluation with
-model(x) work as usual). Parameter .grad fields are neither read nor written.
+model(x) work as usual). Parameter .grad fields are neither read nor written. The trainer is an
+Optimizer (param_groups, lr schedulers, the stock state_dict format); optimizer='adam' / 'adamw'
+runs torch.optim.Adam's / AdamW's update instead, and under torch.distributed the gradients are
+averaged between the backward pass and the update (the train_step_grads op, one all-reduce, then
+the update).
 
 A whole epoch runs in a few calls, the batch gather included, with the same result bit for bit:
 
@@ -26,11 +31,14 @@ the tested one; the CUDA kernel (csrc/cuda/train_step.cu) compiles but has not r
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.optim import optimizer as _optimizer_module
+from torch.optim.sgd import sgd as _sgd  # torch.optim.SGD's update, given the gradients
 
 from . import _C
+from ._adam import ADAM_DEFAULTS, OPTIMIZERS, adam_defaults, adam_update, check_adam
 from ._ops import fast_path
-from ._adam import AdamSteps
 from .models import MNISTNet
 from .nn import FusedMLP, LinearReLU
 
@@ -38,6 +46,7 @@ __all__ = ["FusedTrainer"]
 
 _OPS = torch.ops.mnist_fast
 _train_step_sgd = fast_path("train_step_sgd")
+_train_step_grads = fast_path("train_step_grads")
 _train_epoch_sgd = fast_path("train_epoch_sgd")
 _SUPPORTED = ("FusedTrainer supports MNISTNet and nn.Sequential stacks of LinearReLU / nn.Linear + nn.ReLU "
               "layers (nn.Identity and a leading nn.Flatten allowed) ending in a plain nn.Linear")
@@ -100,89 +109,318 @@ def _mlp_layers(model: nn.Module) -> List[nn.Linear]:
     return [layer for _, layer in layers]
 
 
-class FusedTrainer(AdamSteps):
-    """SGD training of an MLP classifier with the whole step in one fused op.
+# torch.optim.SGD's parameter group without lr.
+SGD_DEFAULTS = {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False,
+                "foreach": None, "differentiable": False, "fused": None}
+
+
+def _option(key: str) -> property:
+    """trainer.<key>: param_groups[0][key], what torch.optim.lr_scheduler and load_state_dict write."""
+    def get(self):
+        group = self.param_groups[0]
+        if key not in group:
+            raise AttributeError(f"FusedTrainer(optimizer={self.optimizer!r}) has no option {key!r}")
+        return group[key]
+
+    def set(self, value):
+        get(self)
+        self.param_groups[0][key] = value
+
+    return property(get, set, doc=f"param_groups[0][{key!r}]")
+
+
+class FusedTrainer(torch.optim.Optimizer):
+    """SGD (or Adam, AdamW) training of an MLP classifier with the whole step in one fused op, as a
+    torch.optim.Optimizer.
 
     Arguments as torch.optim.SGD (lr, momentum, dampening, weight_decay, nesterov), plus the loss's
     ignore_index and label_smoothing as in nn.CrossEntropyLoss (mean reduction, class-index targets).
-    The hyper-parameters are plain attributes and may be changed between steps (a learning-rate
-    schedule assigns trainer.lr).
+    optimizer='adam' or 'adamw' (CPU only): torch.optim.Adam's / AdamW's update instead of SGD's, with
+    betas, eps and weight_decay as there (default weight_decay: 0 for Adam, 1e-2 for AdamW).
 
-    optimizer='adam' or 'adamw' (CPU only): torch.optim.Adam's / AdamW's update instead of SGD's,
-    with betas, eps and weight_decay as there (default weight_decay: 0 for Adam, 1e-2 for AdamW);
-    step() then runs the fused forward/loss/backward and one fused Adam pass per parameter.
+    As an Optimizer: one parameter group, the model's parameters in model.parameters() order, with
+    torch.optim.SGD's (Adam's) keys; every step reads its options from param_groups[0], so
+    torch.optim.lr_scheduler.* schedule it, and trainer.lr, trainer.momentum, ... are that group's
+    entries. state_dict() and load_state_dict() are the Optimizer ones, in torch.optim.SGD's (Adam's)
+    format: either way between the trainer and torch.optim.SGD(model.parameters()) (Adam, AdamW).
+    maximize and amsgrad are not supported (a group with either True is refused).
+
+    step(images, labels) takes the batch and returns (loss, correct): there is no closure, since the
+    fused op computes the loss itself. zero_grad() is harmless (the step does not use .grad).
+
+    It follows the model as torch.optim.SGD (Adam) would: a parameter frozen (requires_grad=False) is
+    not updated, and its state is kept, until it is unfrozen; a model moved or cast keeps the
+    optimizer state. A parameter replaced after construction (model.load_state_dict(sd, assign=True),
+    layer.weight = nn.Parameter(...)) is refused at the next step: a stock optimizer would go on
+    updating the old tensor, which the model no longer uses.
+
+    distributed: all-reduce the gradients between the backward pass and the update, averaged over the
+    processes as DistributedDataParallel does, in one flat buffer (one collective per step); the
+    parameters are broadcast from rank 0 here, as DDP does when it wraps a model. None (default):
+    when torch.distributed is initialized with more than one process. Each process steps on its own
+    batch; every process must take the same number of steps.
     """
+
+    lr = _option("lr")
+    momentum = _option("momentum")
+    dampening = _option("dampening")
+    weight_decay = _option("weight_decay")
+    nesterov = _option("nesterov")
+    betas = _option("betas")
+    eps = _option("eps")
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: Optional[float] = None, nesterov: bool = False, *, ignore_index: int = -100,
                  label_smoothing: float = 0.0, optimizer: str = "sgd", betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8):
+                 eps: float = 1e-8, distributed: Optional[bool] = None):
         layers = _mlp_layers(model)
-        self.model = model
-        self._params: List[nn.Parameter] = []
+        params: List[nn.Parameter] = []
         for layer in layers:
-            self._params += [layer.weight, layer.bias]
-        first = self._params[0]
+            params += [layer.weight, layer.bias]
+        first = params[0]
         if first.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"FusedTrainer: parameters must be float32 or float64, got {first.dtype}")
         if first.device.type == "cuda" and not _C.cuda_compiled():
             raise ValueError("FusedTrainer: this build of mnist_fast has no CUDA kernels")
         if first.device.type not in ("cpu", "cuda"):
             raise ValueError(f"FusedTrainer: CPU and CUDA models are supported, got {first.device}")
-        for p in self._params:
+        for p in params:
             if p.dtype != first.dtype or p.device != first.device:
                 raise ValueError("FusedTrainer: every parameter must have the same dtype and device, got "
                                  f"{p.dtype} on {p.device} and {first.dtype} on {first.device}")
             if not p.is_contiguous():
                 raise ValueError("FusedTrainer: parameters must be contiguous (they are updated in place)")
-            if not p.requires_grad:
-                raise ValueError("FusedTrainer: every parameter of the model is updated, but one has "
-                                 "requires_grad=False (a frozen layer); train such a model with torch.optim.SGD")
-        # Index of each of our parameters in model.parameters(): the numbering of an SGD state_dict.
-        model_index = {id(p): i for i, p in enumerate(model.parameters())}
-        if len(model_index) != len(self._params) or any(id(p) not in model_index for p in self._params):
+        model_params = list(model.parameters())
+        if len(model_params) != len(params) or {id(p) for p in model_params} != {id(p) for p in params}:
             raise ValueError("FusedTrainer: the model has parameters outside its Linear layers (or shares one "
                              "between layers), which the fused step would not train")
-        self._model_index = [model_index[id(p)] for p in self._params]
-        weight_decay = self._init_optimizer(optimizer, weight_decay, momentum, dampening, nesterov, betas, eps)
-        self._check_hyper(lr, momentum, dampening, weight_decay, nesterov)
-        self.lr, self.momentum, self.dampening = float(lr), float(momentum), float(dampening)
-        self.weight_decay, self.nesterov = float(weight_decay), bool(nesterov)
+        if optimizer == "sgd":
+            defaults = {**SGD_DEFAULTS, "lr": float(lr), "momentum": float(momentum), "dampening": float(dampening),
+                        "weight_decay": 0.0 if weight_decay is None else float(weight_decay),
+                        "nesterov": bool(nesterov)}
+            self._check_sgd(defaults, defaults["lr"])
+        elif optimizer in OPTIMIZERS:
+            if momentum != 0.0 or dampening != 0.0 or nesterov:
+                raise ValueError(f"FusedTrainer: momentum, dampening and nesterov are SGD options, not {optimizer}'s")
+            if first.device.type != "cpu":
+                raise ValueError(f"FusedTrainer: optimizer={optimizer!r} runs on the CPU only")
+            defaults = adam_defaults(optimizer, lr, betas, eps, weight_decay)
+        else:
+            raise ValueError(f"FusedTrainer: optimizer must be one of {('sgd', *OPTIMIZERS)}, got {optimizer!r}")
+        # The group in model.parameters() order: the numbering of a stock optimizer's state_dict.
+        super().__init__(model_params, defaults)
+        self.model, self.optimizer = model, optimizer
         self.ignore_index, self.label_smoothing = int(ignore_index), float(label_smoothing)
-        self._buffers: Optional[List[Tensor]] = None  # momentum buffers, None until the first momentum step
-        self._workspaces: Dict[Tuple, List[Tensor]] = {}
+        self._params = params  # in the op's order: [W_0, b_0, W_1, b_1, ...]
+        names = {id(p): name for name, p in model.named_parameters()}
+        # Where each parameter lives, to notice one replaced after construction.
+        self._slots = [(layer, attr, names[id(getattr(layer, attr))]) for layer in layers for attr in ("weight", "bias")]
+        self._workspaces: Dict[Tuple, Tuple[List[Tensor], Tensor]] = {}
+        self._world_size = _world_size(distributed)
+        if self._world_size > 1:
+            _broadcast_from_rank_0(params)
+        self._fused_op = optimizer == "sgd" and self._world_size == 1  # train_step_sgd can run (see _fused_sgd)
+        self._checked_buffers: Tuple[Any, List[Tensor]] = (None, [])
 
-    @staticmethod
-    def _check_hyper(lr, momentum, dampening, weight_decay, nesterov):
-        # torch.optim.SGD's checks and messages, the very ones of the train_step_sgd op (csrc/checks.h).
-        _C.check_sgd_options(lr, momentum, dampening, weight_decay, nesterov)
+    # ---- torch.optim.Optimizer ----
 
-    def _workspace(self, x: Tensor) -> List[Tensor]:
-        key = (x.shape[0], x.dtype, x.device)
-        ws = self._workspaces.get(key)
-        if ws is None:
-            if len(self._workspaces) >= 4:  # batch sizes come and go (the last batch of an epoch)
-                self._workspaces.clear()
-            with torch.inference_mode(False):  # a later step outside inference mode writes to them
-                ws = self._workspaces[key] = _OPS.train_step_workspace.default(x, self._params)
-        return ws
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        if self.param_groups:
+            raise ValueError("FusedTrainer trains one parameter group, its model's; another cannot be added")
+        super().add_param_group(param_group)
 
-    def step(self, images: Tensor, labels: Tensor) -> Tuple[Tensor, int]:
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """torch.optim.Optimizer.load_state_dict, from a FusedTrainer's or a stock optimizer's state_dict
+        (torch.optim.SGD(model.parameters()), or Adam / AdamW's for optimizer='adam' / 'adamw'): the
+        options come from the state too. Everything is checked before anything changes, and the state's
+        tensors are copied (torch.optim's optimizers would share them with state_dict)."""
+        defaults = self._torch_defaults()
+        groups = state_dict["param_groups"]
+        if len(groups) != 1:
+            raise ValueError(f"FusedTrainer.load_state_dict: expected one parameter group, got {len(groups)}")
+        group = {**defaults, **groups[0]}
+        ids = list(group["params"])
+        if len(ids) != len(self._params):
+            raise ValueError(f"FusedTrainer.load_state_dict: the state has {len(ids)} parameters, the model "
+                             f"{len(self._params)}")
+        if self.optimizer == "sgd":
+            if "betas" in group:
+                raise ValueError("FusedTrainer.load_state_dict: optimizer='sgd' needs an SGD state_dict, got Adam's")
+            if group["maximize"]:
+                raise ValueError("FusedTrainer: maximize=True is not supported")
+            self._check_sgd(group, group["lr"])
+        else:
+            if "betas" not in groups[0]:
+                raise ValueError(f"FusedTrainer.load_state_dict: optimizer={self.optimizer!r} needs an Adam state_dict")
+            if bool(group["decoupled_weight_decay"]) != (self.optimizer == "adamw"):
+                raise ValueError(f"FusedTrainer.load_state_dict: the state is not {self.optimizer}'s "
+                                 "(decoupled_weight_decay differs)")
+            check_adam(group)
+        for k, p in zip(ids, self.param_groups[0]["params"]):
+            for name, value in state_dict["state"].get(k, {}).items():
+                if isinstance(value, Tensor) and value.dim() > 0 and value.shape != p.shape:
+                    raise ValueError(f"FusedTrainer.load_state_dict: {name.replace('_', ' ')} of shape "
+                                     f"{tuple(value.shape)} for a parameter of shape {tuple(p.shape)}")
+        # Copies, contiguous (the ops need it): stepping must not write into the caller's tensors.
+        state = {k: {name: v.clone(memory_format=torch.contiguous_format) if isinstance(v, Tensor) else v
+                     for name, v in entry.items()} for k, entry in state_dict["state"].items()}
+        super().load_state_dict({**state_dict, "state": state})
+        for key, value in defaults.items():  # a state from an older torch may lack the newer keys
+            self.param_groups[0].setdefault(key, value)
+        for entry in self.state.values():
+            if "step" in entry and not isinstance(entry["step"], Tensor):
+                entry["step"] = torch.tensor(float(entry["step"]))  # as Adam keeps it
+
+    def _torch_defaults(self) -> Dict[str, Any]:
+        if self.optimizer == "sgd":
+            return SGD_DEFAULTS
+        return {**ADAM_DEFAULTS, "decoupled_weight_decay": self.optimizer == "adamw"}
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # All of it (Optimizer's keeps only its own three entries), without the workspaces: rebuilt on use.
+        return {**self.__dict__, "_workspaces": {}}
+
+    # ---- training ----
+
+    def step(self, images: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+             closure: None = None) -> Tuple[Tensor, int]:
         """One training step on a batch; returns (mean loss as a 0-d tensor, number of correct predictions
         among the rows that are not ignored).
 
-        images: (N, ...) flattened to (N, in_features); labels: (N,) int64 class indices.
+        images: (N, ...) flattened to (N, in_features); labels: (N,) int64 class indices. Unlike
+        Optimizer.step(closure), it takes the batch: the fused op computes the loss itself.
         """
+        # Optimizer's wrapper (step hooks, a profiler range) costs ~10 us a step: only when it has work.
+        if self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _hooks_or_profiler():
+            return _hooked_step(self, images, labels, closure)
+        return _step(self, images, labels, closure)
+
+    step.hooked = True  # tells Optimizer.__init__ not to wrap it: step does so itself when needed
+
+    def _step(self, images, labels, closure) -> Tuple[Tensor, int]:
+        if closure is not None or images is None or labels is None or callable(images):
+            raise TypeError("FusedTrainer.step(images, labels) takes the batch to train on: it computes the loss "
+                            "itself in the fused op, so it has no closure to call")
         x, labels = self._inputs(images, labels, "step")
-        if self.optimizer != "sgd":
-            return self._adam_step(x, labels)
-        buffers, first_step = self._momentum_buffers()
-        loss, correct = _train_step_sgd(
-            x, labels, self._params, buffers, self._workspace(x), self.lr, self.momentum, self.dampening,
-            self.weight_decay, self.nesterov, first_step, self.ignore_index, self.label_smoothing)
-        if first_step:  # only once the step went through: a rejected batch leaves no state behind
-            self._buffers = buffers
+        loss, correct = self._train_batch(x, labels, self._current_params(), self.param_groups[0]["lr"])
         return loss, int(correct)
+
+    def _train_batch(self, x: Tensor, labels: Tensor, params: List[Tensor], lr: float) -> Tuple[Tensor, Tensor]:
+        """One step at learning rate lr: the fused SGD op where it can run, else the gradients op, the
+        all-reduce and the update of the parameters that require grad."""
+        fused = self._fused_sgd(params)
+        group = self.param_groups[0]
+        if fused is not None:
+            buffers, first_step = fused
+            loss, correct = _train_step_sgd(
+                x, labels, params, buffers, self._workspace(x), lr, group["momentum"], group["dampening"],
+                group["weight_decay"], group["nesterov"], first_step, self.ignore_index, self.label_smoothing)
+            if first_step:  # only once the step went through: a rejected batch leaves no state behind
+                self._store_buffers(params, buffers)
+            return loss, correct
+        if self.optimizer == "sgd":
+            self._check_sgd(group, lr)
+        else:
+            check_adam({**group, "lr": lr})
+        workspace, flat = self._workspace_and_grads(x)
+        loss, correct = _train_step_grads(x, labels, params, workspace, self.ignore_index, self.label_smoothing)
+        if self._world_size > 1:  # averaged as DistributedDataParallel does: divided, then summed
+            flat.div_(self._world_size)
+            dist.all_reduce(flat)
+        grads = workspace[len(workspace) - len(params):]
+        trainable = [k for k, p in enumerate(params) if p.requires_grad]
+        params, grads = [params[k] for k in trainable], [grads[k] for k in trainable]
+        if self.optimizer != "sgd":
+            adam_update(self.state, params, grads, group, lr)
+            return loss, correct
+        momentum = group["momentum"]
+        buffers = self._momentum_buffer_list(params) if momentum != 0.0 else []
+        with torch.inference_mode(False), torch.no_grad():  # new buffers: not inference tensors
+            _sgd(params, grads, buffers, weight_decay=group["weight_decay"], momentum=momentum, lr=lr,
+                 dampening=group["dampening"], nesterov=group["nesterov"], maximize=False)
+        if momentum != 0.0:
+            self._store_buffers(params, buffers)
+        return loss, correct
+
+    def _fused_sgd(self, params: List[Tensor]) -> Optional[Tuple[List[Tensor], bool]]:
+        """(momentum buffers, first momentum step) for the train_step_sgd op, or None where that op cannot
+        run: another optimizer, an all-reduce, a frozen parameter, buffers for some parameters only.
+        New buffers are unset (the op sets buffer = gradient); the caller stores them once the op went
+        through, so that a rejected batch leaves no state."""
+        group = self.param_groups[0]
+        if group["maximize"]:
+            raise ValueError("FusedTrainer: maximize=True is not supported")
+        if not self._fused_op or not all([p.requires_grad for p in params]):
+            return None
+        if group["momentum"] == 0.0:
+            return [], False
+        # The buffers the last call checked, while the state still holds them and the model was not cast.
+        kind, checked = self._checked_buffers
+        if kind == (params[0].dtype, params[0].device) and all(
+                [self.state.get(p, _NO_STATE).get("momentum_buffer") is b for p, b in zip(params, checked)]):
+            return checked, False
+        buffers = self._momentum_buffer_list(params)
+        if all(b is None for b in buffers):
+            with torch.inference_mode(False):  # a later step outside inference mode writes to them
+                return [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params], True
+        if any(b is None for b in buffers):
+            return None
+        self._checked_buffers = (params[0].dtype, params[0].device), buffers
+        return buffers, False
+
+    def _momentum_buffer_list(self, params: List[Tensor]) -> List[Optional[Tensor]]:
+        """Each parameter's momentum buffer or None, of its dtype and device (the model was moved or cast:
+        the state is kept, as torch.optim.SGD keeps it) and contiguous (the op needs it)."""
+        buffers = []
+        for p in params:
+            entry = self.state.get(p)
+            buf = entry.get("momentum_buffer") if entry else None
+            if buf is not None and (buf.dtype != p.dtype or buf.device != p.device or not buf.is_contiguous()):
+                buf = entry["momentum_buffer"] = buf.to(p, memory_format=torch.contiguous_format)
+            buffers.append(buf)
+        return buffers
+
+    def _store_buffers(self, params: List[Tensor], buffers: List[Tensor]) -> None:
+        for p, buf in zip(params, buffers):
+            self.state[p]["momentum_buffer"] = buf
+
+    @staticmethod
+    def _check_sgd(group: Dict[str, Any], lr: float) -> None:
+        # torch.optim.SGD's checks and messages, the very ones of the train_step_sgd op (csrc/checks.h).
+        _C.check_sgd_options(float(lr), float(group["momentum"]), float(group["dampening"]),
+                             float(group["weight_decay"]), bool(group["nesterov"]))
+
+    def _current_params(self) -> List[Tensor]:
+        """The parameters in the op's order, or an error if the model has replaced one since construction."""
+        for (layer, attr, name), p in zip(self._slots, self._params):
+            if layer._parameters.get(attr) is not p:
+                raise RuntimeError(
+                    f"FusedTrainer: the model's parameter '{name}' was replaced after the trainer was built (by "
+                    "load_state_dict(..., assign=True), or a new nn.Parameter); torch.optim.SGD would go on "
+                    "updating the old tensor, which the model no longer uses. Build a new FusedTrainer for the "
+                    "model (new_trainer.load_state_dict(trainer.state_dict()) keeps the optimizer state)")
+        return self._params
+
+    def _workspace(self, x: Tensor) -> List[Tensor]:
+        """The op's workspace for x's batch size."""
+        return self._workspace_and_grads(x)[0]
+
+    def _workspace_and_grads(self, x: Tensor) -> Tuple[List[Tensor], Tensor]:
+        """The op's workspace for x's batch size, the parameters' gradients in it as views of one flat
+        buffer (returned too): the all-reduce sends that buffer whole."""
+        key = (x.shape[0], x.dtype, x.device)
+        entry = self._workspaces.get(key)
+        if entry is None:
+            if len(self._workspaces) >= 4:  # batch sizes come and go (the last batch of an epoch)
+                self._workspaces.clear()
+            sizes = [p.numel() for p in self._params]
+            with torch.inference_mode(False):  # a later step outside inference mode writes to them
+                workspace = list(_OPS.train_step_workspace.default(x, self._params))
+                flat = torch.empty(sum(sizes), dtype=x.dtype, device=x.device)
+                workspace[len(workspace) - len(sizes):] = [
+                    g.view(p.shape) for g, p in zip(flat.split(sizes), self._params)]
+            entry = self._workspaces[key] = (workspace, flat)
+        return entry
 
     def _inputs(self, images: Tensor, labels: Tensor, method: str) -> Tuple[Tensor, Tensor]:
         """images flattened to (N, in_features) and int64 labels, or a clear error."""
@@ -202,8 +440,7 @@ class FusedTrainer(AdamSteps):
                   generator: Optional[torch.Generator] = None, lr_schedule: Optional[Sequence[float]] = None, *,
                   order: Optional[Tensor] = None, chunk: Optional[int] = None,
                   on_chunk: Optional[Callable[[int, Tensor, Tensor], None]] = None) -> Tuple[Tensor, Tensor]:
-        """One epoch of training steps in a few fused calls; returns the per-step (losses, correct counts)
-        as tensors on the device.
+        """One epoch of training steps; returns the per-step (losses, correct counts) as tensors on the device.
 
         The same training, bit for bit, as the step loop
 
@@ -212,19 +449,17 @@ class FusedTrainer(AdamSteps):
                 index = order[start:start + batch_size]
                 trainer.step(images[index], labels[index])   # with lr = lr_schedule[s] when given
 
-        but with the steps (batch gather included) run in C++, ``chunk`` steps per call (default: all
-        of them in one call). images: (N, ...) on the parameters' device and of their dtype (all the
-        training data, e.g. a normalized Split); labels: (N,) class indices. order: the sample order
-        to use instead of a permutation drawn with ``generator`` (any 1-D index tensor, e.g.
+        For SGD on one process the steps (batch gather included) run in C++, ``chunk`` steps per call
+        (default: all of them in one call); otherwise (Adam, an all-reduce, a frozen parameter) it is
+        that loop. images: (N, ...) on the parameters' device and of their dtype (all the training
+        data, e.g. a normalized Split); labels: (N,) class indices. order: the sample order to use
+        instead of a permutation drawn with ``generator`` (any 1-D index tensor, e.g.
         data.Batches.indices()). lr_schedule: one learning rate per step; trainer.lr (unchanged)
-        otherwise. on_chunk(samples, losses, correct) is called after each call with the number of
-        samples it trained and its steps' losses and correct counts (e.g. to update a progress bar).
-        Every index and target of the epoch is checked before the first update.
+        otherwise. on_chunk(samples, losses, correct) is called after each ``chunk`` steps with the
+        number of samples they trained and their losses and correct counts (e.g. to update a progress
+        bar). Every index and target of the epoch is checked before the first update.
         """
         x, labels = self._inputs(images, labels, "fit_epoch")
-        if self.optimizer != "sgd":
-            raise NotImplementedError(f"FusedTrainer.fit_epoch runs SGD; with optimizer={self.optimizer!r} "
-                                      "call step() for each batch")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"FusedTrainer.fit_epoch: batch_size must be a positive int, got {batch_size!r}")
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
@@ -245,120 +480,122 @@ class FusedTrainer(AdamSteps):
             if (lrs < 0).any():  # before the first step, not halfway through the epoch
                 raise ValueError(f"Invalid learning rate: {lrs[lrs < 0][0].item()}")
         chunk = chunk or max(steps, 1)
+        params = self._current_params()
+        fused = self._fused_sgd(params)
+        if fused is None:
+            return self._fit_epoch_steps(x, labels, order, batch_size, lrs.tolist(), chunk, on_chunk)
         if chunk < steps:  # each call checks its own steps; a bad target in a later one must fail before the first
             self._check_epoch(x, labels, order, batch_size)
         losses, correct = [], []
         for first in range(0, max(steps, 1), chunk):
             last = min(first + chunk, steps)
             part = order[first * batch_size:last * batch_size]
-            buffers, first_step = self._momentum_buffers()
+            buffers, first_step = fused
+            group = self.param_groups[0]
             chunk_losses, chunk_correct = _train_epoch_sgd(
-                x, labels, part, batch_size, lrs[first:last], self._params, buffers, self.momentum, self.dampening,
-                self.weight_decay, self.nesterov, first_step, self.ignore_index, self.label_smoothing)
+                x, labels, part, batch_size, lrs[first:last], params, buffers, group["momentum"], group["dampening"],
+                group["weight_decay"], group["nesterov"], first_step, self.ignore_index, self.label_smoothing)
             if first_step and last > first:  # only once an update went through
-                self._buffers = buffers
+                self._store_buffers(params, buffers)
+                fused = self._fused_sgd(params)
             losses.append(chunk_losses)
             correct.append(chunk_correct)
             if on_chunk is not None:
                 on_chunk(part.shape[0], chunk_losses, chunk_correct)
         return torch.cat(losses), torch.cat(correct)
 
-    def _check_epoch(self, x: Tensor, labels: Tensor, order: Tensor, batch_size: int) -> None:
-        """The op's up-front checks of order and targets (csrc/train_epoch.cpp), over the whole epoch. What
-        they need is checked by the op itself on the first call, before it trains."""
+    def _fit_epoch_steps(self, x: Tensor, labels: Tensor, order: Tensor, batch_size: int, lrs: List[float],
+                         chunk: int, on_chunk) -> Tuple[Tensor, Tensor]:
+        """fit_epoch as its loop of steps (Adam, an all-reduce, a frozen parameter)."""
+        self._check_epoch(x, labels, order, batch_size, strict=True)
+        params = self._current_params()
+        losses, correct = [], []
+        steps = len(lrs)
+        for first in range(0, max(steps, 1), chunk):
+            last = min(first + chunk, steps)
+            chunk_losses, chunk_correct = [], []
+            for s in range(first, last):
+                index = order[s * batch_size:(s + 1) * batch_size]
+                loss, hits = self._train_batch(x.index_select(0, index), labels.index_select(0, index), params, lrs[s])
+                chunk_losses.append(loss)
+                chunk_correct.append(hits)
+            chunk_losses = torch.stack(chunk_losses) if chunk_losses else x.new_empty((0,))
+            chunk_correct = torch.stack(chunk_correct) if chunk_correct else labels.new_empty((0,))
+            losses.append(chunk_losses)
+            correct.append(chunk_correct)
+            if on_chunk is not None:
+                on_chunk(min(last * batch_size, order.shape[0]) - first * batch_size, chunk_losses, chunk_correct)
+        return torch.cat(losses), torch.cat(correct)
+
+    def _check_epoch(self, x: Tensor, labels: Tensor, order: Tensor, batch_size: int, strict: bool = False) -> None:
+        """The epoch op's up-front checks of order and targets (csrc/train_epoch.cpp), over the whole epoch.
+        What they need is checked by the op itself on its first call, before it trains, unless strict
+        (an epoch that runs as a loop of steps)."""
         n = x.shape[0]
-        if order.dtype != torch.int64 or order.dim() != 1 or labels.dtype != torch.int64 or labels.shape != (n,):
+        where = "FusedTrainer.fit_epoch"
+        if strict:
+            if labels.dtype != torch.int64:
+                raise TypeError(f"{where}: expected labels of dtype int64, got {labels.dtype}")
+            if labels.shape != (n,):
+                raise ValueError(f"{where}: expected labels of shape ({n},) (one per image), got shape "
+                                 f"{tuple(labels.shape)}")
+            if order.dtype != torch.int64:
+                raise TypeError(f"{where}: expected an int64 order, got {order.dtype}")
+            if order.dim() != 1:
+                raise ValueError(f"{where}: expected a 1-D order (sample indices), got shape {tuple(order.shape)}")
+        elif order.dtype != torch.int64 or order.dim() != 1 or labels.dtype != torch.int64 or labels.shape != (n,):
+            return
+        if order.numel() == 0:
             return
         low, high = (int(v) for v in torch.aminmax(order))
         if low < 0 or high >= n:
-            raise IndexError(f"FusedTrainer.fit_epoch: order holds index {low if low < 0 else high}, out of range "
-                             f"for {n} samples")
+            raise IndexError(f"{where}: order holds index {low if low < 0 else high}, out of range for {n} samples")
         targets = labels[order]
         classes = self._params[-1].shape[0]
         bad = (targets != self.ignore_index) & ((targets < 0) | (targets >= classes))
         if bad.any():
             i = int(bad.nonzero()[0, 0])
-            raise IndexError(f"FusedTrainer.fit_epoch: Target {int(targets[i])} is out of bounds for {classes} "
+            raise IndexError(f"{where}: Target {int(targets[i])} is out of bounds for {classes} "
                              f"classes (sample {int(order[i])}, step {i // batch_size}).")
-
-    def _momentum_buffers(self) -> Tuple[List[Tensor], bool]:
-        """The momentum buffers for the next step (none when momentum is 0) and whether that step is the
-        first momentum step (new, unset buffers: the op sets buffer = gradient). The caller stores new
-        buffers in self._buffers once the op went through, so that a rejected batch leaves no state."""
-        if self.momentum == 0.0:
-            return [], False
-        buffers = self._buffers
-        if buffers is None:
-            with torch.inference_mode(False):  # a later step outside inference mode writes to them
-                return [torch.empty_like(p, memory_format=torch.contiguous_format) for p in self._params], True
-        if any(b.dtype != p.dtype or b.device != p.device for b, p in zip(buffers, self._params)):
-            # The model was moved or cast (model.double()): keep the state, as torch.optim.SGD does.
-            buffers = self._buffers = [b.to(p) for b, p in zip(buffers, self._params)]
-        return buffers, False
-
-    def _group(self) -> Dict[str, Any]:
-        return {"lr": self.lr, "momentum": self.momentum, "dampening": self.dampening,
-                "weight_decay": self.weight_decay, "nesterov": self.nesterov, "maximize": False, "foreach": None,
-                "differentiable": False, "fused": None, "params": list(range(len(self._params)))}
-
-    def state_dict(self) -> Dict[str, Any]:
-        """The optimizer state in torch.optim.SGD's format, parameters numbered as in model.parameters():
-        torch.optim.SGD(model.parameters()).load_state_dict(trainer.state_dict()) continues the same run.
-        As with SGD, the momentum buffers are returned by reference, not copied.
-        With optimizer='adam'/'adamw': torch.optim.Adam's / AdamW's format instead."""
-        if self.optimizer != "sgd":
-            return self._adam_state_dict()
-        state = {}
-        if self._buffers is not None:
-            for k, buf in enumerate(self._buffers):
-                state[self._model_index[k]] = {"momentum_buffer": buf}
-        return {"state": state, "param_groups": [self._group()]}
-
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Restores hyper-parameters and momentum buffers from FusedTrainer.state_dict() or from a
-        torch.optim.SGD(model.parameters()) state_dict (one parameter group); with optimizer='adam'/'adamw',
-        from an Adam / AdamW one."""
-        if self.optimizer != "sgd":
-            return self._load_adam_state_dict(state_dict)
-        groups = state_dict["param_groups"]
-        if len(groups) != 1:
-            raise ValueError(f"FusedTrainer.load_state_dict: expected one parameter group, got {len(groups)}")
-        group = groups[0]
-        ids = list(group["params"])
-        if len(ids) != len(self._params):
-            raise ValueError(f"FusedTrainer.load_state_dict: the state has {len(ids)} parameters, the model "
-                             f"{len(self._params)}")
-        if group.get("maximize", False):
-            raise ValueError("FusedTrainer.load_state_dict: maximize=True is not supported")
-        hyper = [group.get(k, d) for k, d in
-                 (("lr", 1e-3), ("momentum", 0.0), ("dampening", 0.0), ("weight_decay", 0.0), ("nesterov", False))]
-        hyper = [float(h) if isinstance(h, Tensor) else h for h in hyper]
-        self._check_hyper(*hyper)
-        # Parameter number ids[pos] of the saved state is model.parameters()[pos].
-        saved = state_dict["state"]
-        buffers = []
-        for k, p in enumerate(self._params):
-            entry = saved.get(ids[self._model_index[k]], {})
-            buf = entry.get("momentum_buffer")
-            if buf is not None and buf.shape != p.shape:
-                raise ValueError(f"FusedTrainer.load_state_dict: momentum buffer of shape {tuple(buf.shape)} for a "
-                                 f"parameter of shape {tuple(p.shape)}")
-            buffers.append(buf)
-        have = [b is not None for b in buffers]
-        if any(have) and not all(have):
-            raise ValueError("FusedTrainer.load_state_dict: momentum buffers for only some of the parameters")
-        self.lr, self.momentum, self.dampening, self.weight_decay = (float(h) for h in hyper[:4])
-        self.nesterov = bool(hyper[4])
-        if all(have):
-            self._buffers = [b.detach().to(dtype=p.dtype, device=p.device, copy=True).contiguous()
-                             for b, p in zip(buffers, self._params)]
-        else:
-            self._buffers = None
 
     def __repr__(self) -> str:
         sizes = [self._params[0].shape[1]] + [w.shape[0] for w in self._params[::2]]
-        if self.optimizer != "sgd":
-            return (f"FusedTrainer({'-'.join(map(str, sizes))}, optimizer={self.optimizer!r}, lr={self.lr}, "
-                    f"betas={self.betas}, eps={self.eps}, weight_decay={self.weight_decay})")
-        return (f"FusedTrainer({'-'.join(map(str, sizes))}, lr={self.lr}, momentum={self.momentum}, "
-                f"dampening={self.dampening}, weight_decay={self.weight_decay}, nesterov={self.nesterov})")
+        keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov") if self.optimizer == "sgd" else \
+            ("lr", "betas", "eps", "weight_decay")
+        options = "".join(f", {key}={self.param_groups[0][key]}" for key in keys)
+        kind = "" if self.optimizer == "sgd" else f", optimizer={self.optimizer!r}"
+        distributed = f", world_size={self._world_size}" if self._world_size > 1 else ""
+        return f"FusedTrainer({'-'.join(map(str, sizes))}{kind}{options}{distributed})"
+
+
+_NO_STATE: Dict[str, Any] = {}
+_hooked_step = torch.optim.Optimizer.profile_hook_step(FusedTrainer._step)
+_step = FusedTrainer._step
+_GLOBAL_HOOKS = [getattr(_optimizer_module, name, None)
+                 for name in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")]
+
+
+def _hooks_or_profiler() -> bool:
+    """Whether a global optimizer step hook is registered (or torch's registry of them has moved) or the
+    profiler is on: then step runs through Optimizer's wrapper."""
+    return any(hooks is None or hooks for hooks in _GLOBAL_HOOKS) or torch._C._autograd._profiler_enabled()
+
+
+def _world_size(distributed: Optional[bool]) -> int:
+    """The number of processes whose gradients the trainer averages (1: none)."""
+    if distributed is False:
+        return 1
+    initialized = dist.is_available() and dist.is_initialized()
+    if distributed and not initialized:
+        raise ValueError("FusedTrainer(distributed=True) needs torch.distributed initialized first "
+                         "(torch.distributed.init_process_group, as under torchrun)")
+    return dist.get_world_size() if initialized else 1
+
+
+@torch.no_grad()
+def _broadcast_from_rank_0(params: List[Tensor]) -> None:
+    """Rank 0's parameters on every process, in one collective (DistributedDataParallel's start)."""
+    flat = torch.cat([p.reshape(-1) for p in params])
+    dist.broadcast(flat, 0)
+    for p, value in zip(params, flat.split([p.numel() for p in params])):
+        p.copy_(value.view(p.shape))

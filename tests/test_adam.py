@@ -157,8 +157,8 @@ def test_bad_options_and_states_are_refused():
     with pytest.raises(ValueError, match="SGD options"):
         FusedTrainer(model, momentum=0.9, optimizer="adam")
     trainer = FusedTrainer(model, optimizer="adam")
-    with pytest.raises(NotImplementedError, match="fit_epoch runs SGD"):
-        trainer.fit_epoch(torch.randn(8, 784), torch.zeros(8, dtype=torch.int64), 4)
+    with pytest.raises(IndexError, match=r"Target 10 is out of bounds for 10 classes \(sample 5, step 1\)"):
+        trainer.fit_epoch(torch.randn(8, 784), torch.tensor([0, 1, 2, 3, 4, 10, 6, 7]), 4, order=torch.arange(8))
     sgd_state = torch.optim.SGD(model.parameters(), lr=0.1).state_dict()
     with pytest.raises(ValueError, match="needs an Adam state_dict"):
         trainer.load_state_dict(sgd_state)
@@ -172,6 +172,24 @@ def test_bad_options_and_states_are_refused():
     with pytest.raises(IndexError):
         trainer.step(torch.randn(4, 784), torch.tensor([0, 1, 2, 10]))
     assert trainer.state_dict()["state"] == {}
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_fit_epoch_is_the_step_loop(optimizer):
+    images, labels = make_batches([100], torch.float32)[0]
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    a = stock_mlp()
+    b = copy.deepcopy(a)
+    looped, fitted = FusedTrainer(a, optimizer=optimizer, lr=1e-2), FusedTrainer(b, optimizer=optimizer, lr=1e-2)
+    losses = torch.stack([looped.step(images[order[i:i + 32]], labels[order[i:i + 32]])[0] for i in range(0, 100, 32)])
+    calls = []
+    fit_losses, correct = fitted.fit_epoch(images, labels, 32, order=order, lr_schedule=[1e-2] * 4, chunk=3,
+                                           on_chunk=lambda n, l, c: calls.append((n, l.shape[0])))
+    assert torch.equal(fit_losses, losses) and correct.shape == (4,) and calls == [(96, 3), (4, 1)]
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    assert float(fitted.state_dict()["state"][0]["step"]) == 4
 
 
 def test_op_checks_and_opcheck():

@@ -347,3 +347,25 @@ def test_train_step_emulated_bad_index_raises_before_writing(emu):
             emu.train_step_sgd(x, t, p, [], ws, 0.1, 0.0, 0.0, 0.0, False, True, -100, 0.0)
         for a, b in zip(p, before):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_train_step_grads_emulated(emu, dtype):
+    # The same passes without the update: the same loss, correct count and gradients; no parameter moves.
+    params = [torch.randn(16, 20, dtype=dtype) * 0.2, torch.randn(16, dtype=dtype) * 0.1,
+              torch.randn(5, 16, dtype=dtype) * 0.25, torch.randn(5, dtype=dtype) * 0.1]
+    x, t = torch.randn(50, 20, dtype=dtype), torch.randint(0, 5, (50,))
+    t[::4] = -100
+    before = [p.clone() for p in params]
+    results = []
+    for op in (emu.train_step_grads, OPS.train_step_grads):
+        ws = OPS.train_step_workspace(x, params)
+        loss, correct = op(x, t, params, ws, -100, 0.1)
+        results.append((loss, int(correct), ws))
+        assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert emu.asserts() == 0
+    (loss_got, correct_got, ws_got), (loss_want, correct_want, ws_want) = results
+    assert_close(loss_got, loss_want, dtype, "loss")
+    assert correct_got == correct_want
+    for i, (a, b) in enumerate(zip(ws_got, ws_want)):
+        assert_close(a, b, dtype, f"workspace {i}")

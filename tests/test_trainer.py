@@ -278,10 +278,14 @@ def test_load_state_dict_rejects_mismatches():
         other.load_state_dict(FusedTrainer(nn.Sequential(nn.Linear(784, 10)), lr=0.1).state_dict())
     with pytest.raises(ValueError, match="shape"):
         other.load_state_dict(sd)
+    # A parameter without state (one that was frozen: torch.optim.SGD saves such states too) starts
+    # its momentum afresh, as in torch.optim.SGD.
     partial = copy.deepcopy(sd)
     del partial["state"][0]
-    with pytest.raises(ValueError, match="only some"):
-        trainer.load_state_dict(partial)
+    trainer.load_state_dict(partial)
+    sgd = torch.optim.SGD(copy.deepcopy(model).parameters(), lr=1.0)
+    sgd.load_state_dict(copy.deepcopy(partial))
+    assert trainer.state_dict()["state"].keys() == sgd.state_dict()["state"].keys() == {1, 2, 3, 4, 5}
 
 
 # ---- bad input ----
@@ -381,11 +385,24 @@ def _small_mlp():
     return stock_mlp((12, 9, 5))
 
 
-def test_frozen_parameters_are_refused():
+def test_frozen_parameters_are_left_as_stock_sgd_leaves_them():
+    # (Frozen and unfrozen mid-run: test_trainer_optimizer.py.)
     model = _small_mlp()
+    reference = copy.deepcopy(model)
     model[0].weight.requires_grad_(False)
-    with pytest.raises(ValueError, match="requires_grad=False"):
-        FusedTrainer(model, lr=0.1)
+    reference[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    trainer = FusedTrainer(model, lr=0.1, momentum=0.9, weight_decay=0.1)
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    x, y = torch.randn(6, 12), torch.randint(0, 5, (6,))
+    for _ in range(3):
+        trainer.step(x, y)
+        sgd.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        sgd.step()
+    assert torch.equal(model[0].weight, frozen)
+    assert_same_params(model, reference, rtol=1e-5, atol=1e-6)
+    assert trainer.state_dict()["state"].keys() == sgd.state_dict()["state"].keys() == {1, 2, 3}
 
 
 def test_ignored_rows_are_not_counted_correct():

@@ -128,6 +128,7 @@ struct CpuStepKernels {
 
 TORCH_LIBRARY_IMPL(mnist_fast, CPU, m) {
   m.impl("train_step_sgd", TORCH_FN(train_step_sgd_impl<CpuStepKernels>));
+  m.impl("train_step_grads", TORCH_FN(train_step_grads_impl<CpuStepKernels>));
 }
 
 }  // namespace mnist_fast

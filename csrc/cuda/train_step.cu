@@ -95,6 +95,7 @@ struct CudaStepKernels {
 
 TORCH_LIBRARY_IMPL(mnist_fast, CUDA, m) {
   m.impl("train_step_sgd", TORCH_FN(train_step_sgd_impl<CudaStepKernels>));
+  m.impl("train_step_grads", TORCH_FN(train_step_grads_impl<CudaStepKernels>));
 }
 
 }  // namespace mnist_fast
