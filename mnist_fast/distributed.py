@@ -16,12 +16,14 @@ import datetime
 import os
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
-__all__ = ["DEFAULT_DDP_TIMEOUT_S", "Distributed", "init_distributed", "resolve_device", "collective_failure"]
+__all__ = ["DEFAULT_DDP_TIMEOUT_S", "Distributed", "init_distributed", "resolve_device", "collective_failure",
+           "trainer_world_size", "broadcast_from_rank_0"]
 
 DEFAULT_DDP_TIMEOUT_S = 300.0
 
@@ -63,3 +65,25 @@ def collective_failure(error: BaseException) -> Optional[str]:
         return None
     first = text.splitlines()[0] if text else type(error).__name__
     return re.sub(r"^\[[^\]]*\]\s*", "", first)  # drop the "[.../gloo/...cc:78]" prefix
+
+
+# ---- FusedTrainer's own gradient averaging (mnist_fast.trainer) ----
+
+def trainer_world_size(distributed: Optional[bool]) -> int:
+    """The number of processes whose gradients the trainer averages (1: none)."""
+    if distributed is False:
+        return 1
+    initialized = dist.is_available() and dist.is_initialized()
+    if distributed and not initialized:
+        raise ValueError("FusedTrainer(distributed=True) needs torch.distributed initialized first "
+                         "(torch.distributed.init_process_group, as under torchrun)")
+    return dist.get_world_size() if initialized else 1
+
+
+@torch.no_grad()
+def broadcast_from_rank_0(params: List[Tensor]) -> None:
+    """Rank 0's parameters on every process, in one collective (DistributedDataParallel's start)."""
+    flat = torch.cat([p.reshape(-1) for p in params])
+    dist.broadcast(flat, 0)
+    for p, value in zip(params, flat.split([p.numel() for p in params])):
+        p.copy_(value.view(p.shape))

@@ -21,7 +21,8 @@ Datasets: `--dataset mnist` (default) or `fashion-mnist`, looked for as mnist_fa
 train`: MNIST when it can be found, converted or downloaded, otherwise, when Fashion-MNIST is on the
 machine, one line saying so and a Fashion-MNIST run. An explicit `--dataset mnist` never switches datasets.
 
-Options: mnist_fast.train_options; checkpoints and output files: mnist_fast.checkpoint; the per-epoch
+Options: mnist_fast.train_options; the epoch and evaluation loops: mnist_fast.loops; checkpoints and
+output files: mnist_fast.checkpoint; the per-epoch
 metrics (--metrics, JSON Lines, and --tensorboard): mnist_fast.run_log; multi-process runs (torchrun):
 mnist_fast.distributed.
 Ctrl-C and SIGTERM stop a run alike: the last finished epoch's checkpoint stays, a resume hint is printed.
@@ -51,6 +52,7 @@ from .checkpoint import (CheckpointError, checkpoint_state, load_checkpoint, pre
                          run_options, save_checkpoint)
 from .distributed import Distributed, collective_failure, init_distributed, resolve_device
 from .lesson_loader import LessonBatches
+from .loops import evaluate, train_epoch
 from .plotting import plot_history, show_predictions
 from .recipe import (build_fused_trainer, build_model, build_optimizer, learning_rate, set_learning_rate,
                      training_criterion)
@@ -61,7 +63,6 @@ from .trainer import FusedTrainer
 __all__ = ["main", "train", "parse_args", "build_parser", "build_model", "TrainResult", "CheckpointError",
            "TrainError", "save_checkpoint", "load_checkpoint"]
 
-EVAL_BATCH_SIZE = 1000
 
 
 class TrainError(RuntimeError):
@@ -95,78 +96,6 @@ def _load_data(args, log) -> mnist_data.Dataset:
         log(f"MNIST not found or downloadable here; training Fashion-MNIST from {fashion.source} instead "
             f"(pass --dataset mnist --data-dir FOLDER to insist on MNIST)")
         return fashion
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, criterion: nn.Module, split: mnist_data.Split):
-    """(mean loss, accuracy) over a split."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=split.labels.device)
-    correct = torch.zeros((), dtype=torch.int64, device=split.labels.device)
-    for start in range(0, len(split), EVAL_BATCH_SIZE):
-        images = split.images[start:start + EVAL_BATCH_SIZE].flatten(1)
-        labels = split.labels[start:start + EVAL_BATCH_SIZE]
-        output = model(images)
-        loss_sum += criterion(output, labels) * labels.shape[0]
-        correct += (output.argmax(1) == labels).sum()
-    model.train(was_training)
-    count = max(len(split), 1)
-    return loss_sum.item() / count, correct.item() / count
-
-
-def _train_step(model, criterion, optimizer, images, labels):
-    """One optimization step; returns the batch's mean loss."""
-    if isinstance(optimizer, FusedTrainer):
-        return optimizer.step(images, labels)[0]
-    optimizer.zero_grad(set_to_none=True)
-    loss = criterion(model(images.flatten(1)), labels)
-    loss.backward()
-    optimizer.step()
-    return loss
-
-
-def _train_epoch(model, criterion, optimizer, batches, device, progress):
-    """One pass over this rank's batches; returns (sum of sample losses, samples seen)."""
-    model.train()
-    if isinstance(optimizer, FusedTrainer) and isinstance(batches, mnist_data.Batches):
-        return _fit_epoch(optimizer, batches, progress)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    seen = 0
-    for step, (images, labels) in enumerate(batches):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        loss = _train_step(model, criterion, optimizer, images, labels)
-        count = labels.shape[0]
-        # Accumulate on the device: no host sync per step (.item() would stall a GPU).
-        loss_sum.add_(loss.detach(), alpha=count)
-        seen += count
-        progress.update(count)
-        if step % 100 == 99:
-            progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", refresh=False)
-    return loss_sum, seen
-
-
-def _fit_epoch(trainer: FusedTrainer, batches: mnist_data.Batches, progress):
-    """_train_epoch's loop run by FusedTrainer.fit_epoch: the same batches and updates, reported every 100
-    steps (for SGD on one process, 100 steps per call of the fused epoch op)."""
-    loss_sum = torch.zeros((), dtype=torch.float64, device=batches.split.labels.device)
-    seen = 0
-
-    def report(samples, losses, _correct):
-        nonlocal seen
-        if not samples:
-            return
-        counts = torch.full_like(losses, batches.batch_size, dtype=torch.float64)
-        counts[-1] = samples - batches.batch_size * (losses.shape[0] - 1)
-        loss_sum.add_((losses.double() * counts).sum())
-        seen += samples
-        progress.update(samples)
-        progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", refresh=False)
-
-    split = batches.split
-    trainer.fit_epoch(split.images, split.labels, batches.batch_size, order=batches.indices(), chunk=100,
-                      on_chunk=report)
-    return loss_sum, seen
 
 
 def train(args: argparse.Namespace) -> TrainResult:
@@ -262,7 +191,7 @@ def _train(args, env: Distributed) -> TrainResult:
                             desc=f"epoch {epoch + 1}/{args.epochs}", unit="img", unit_scale=True, leave=False,
                             disable=None if env.rank == 0 else True, dynamic_ncols=True)
             started = time.perf_counter()
-            loss_sum, seen = _train_epoch(train_model, criterion, optimizer, batches, device, progress)
+            loss_sum, seen = train_epoch(train_model, criterion, optimizer, batches, device, progress)
             if env.active:  # the train loss over all ranks' samples
                 totals = torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)])
                 dist.all_reduce(totals)

@@ -28,7 +28,7 @@ followed by nn.ReLU, nn.Identity and a leading nn.Flatten, ending in a plain nn.
 logits; every layer with a bias; float32 or float64 parameters on one device. The CPU kernel is
 the tested one; the CUDA kernel (csrc/cuda/train_step.cu) compiles but has not run on a GPU yet.
 """
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -38,77 +38,16 @@ from torch.optim.sgd import sgd as _sgd  # torch.optim.SGD's update, given the g
 
 from . import _C
 from ._adam import ADAM_DEFAULTS, OPTIMIZERS, adam_defaults, adam_update, check_adam
+from ._epoch import EpochSteps
+from ._mlp_layers import mlp_layers
 from ._ops import fast_path
-from .models import MNISTNet
-from .nn import FusedMLP, LinearReLU
+from .distributed import broadcast_from_rank_0, trainer_world_size
 
 __all__ = ["FusedTrainer"]
 
 _OPS = torch.ops.mnist_fast
 _train_step_sgd = fast_path("train_step_sgd")
 _train_step_grads = fast_path("train_step_grads")
-_train_epoch_sgd = fast_path("train_epoch_sgd")
-_SUPPORTED = ("FusedTrainer supports MNISTNet and nn.Sequential stacks of LinearReLU / nn.Linear + nn.ReLU "
-              "layers (nn.Identity and a leading nn.Flatten allowed) ending in a plain nn.Linear")
-
-
-def _flat_children(module: nn.Module, prefix: str) -> List[Tuple[str, nn.Module]]:
-    out = []
-    for name, child in module.named_children():
-        path = f"{prefix}.{name}" if prefix else name
-        if type(child) is nn.Sequential:
-            out.extend(_flat_children(child, path))
-        else:
-            out.append((path, child))
-    return out
-
-
-def _mlp_layers(model: nn.Module) -> List[nn.Linear]:
-    """The Linear layers of a supported MLP, in order (a ReLU after each but the last), or raise."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"FusedTrainer expects an nn.Module, got {type(model).__name__}")
-    if type(model) in (nn.Sequential, FusedMLP, MNISTNet):  # fuse() makes a whole-MLP Sequential a FusedMLP
-        children = _flat_children(model, "")
-    else:
-        raise ValueError(f"{_SUPPORTED}; got {type(model).__name__}")
-
-    layers, relu_after = [], []
-    i = 0
-    while i < len(children):
-        name, child = children[i]
-        nxt = children[i + 1][1] if i + 1 < len(children) else None
-        if type(child) is nn.Identity:
-            i += 1
-        elif type(child) is nn.Flatten and not layers and child.start_dim == 1 and child.end_dim == -1:
-            i += 1
-        elif type(child) is LinearReLU:
-            layers.append((name, child))
-            relu_after.append(True)
-            i += 1
-        elif type(child) is nn.Linear and type(nxt) is nn.ReLU:
-            layers.append((name, child))
-            relu_after.append(True)
-            i += 2
-        elif type(child) is nn.Linear:
-            layers.append((name, child))
-            relu_after.append(False)
-            i += 1
-        else:
-            raise ValueError(f"{_SUPPORTED}; got {type(child).__name__} at '{name}'")
-    if not layers:
-        raise ValueError(f"{_SUPPORTED}; the model has no Linear layer")
-    for (name, _), relu in zip(layers[:-1], relu_after[:-1]):
-        if not relu:
-            raise ValueError(f"{_SUPPORTED}; layer '{name}' is a Linear without a ReLU in the middle of the stack")
-    if relu_after[-1]:
-        raise ValueError(f"{_SUPPORTED}; the last layer '{layers[-1][0]}' must be a plain nn.Linear giving the "
-                         "logits, not a Linear+ReLU")
-    for name, layer in layers:
-        if layer.bias is None:
-            raise ValueError(f"FusedTrainer: layer '{name}' has no bias; layers without bias are not supported")
-    return [layer for _, layer in layers]
-
-
 # torch.optim.SGD's parameter group without lr.
 SGD_DEFAULTS = {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False,
                 "foreach": None, "differentiable": False, "fused": None}
@@ -129,7 +68,7 @@ def _option(key: str) -> property:
     return property(get, set, doc=f"param_groups[0][{key!r}]")
 
 
-class FusedTrainer(torch.optim.Optimizer):
+class FusedTrainer(EpochSteps, torch.optim.Optimizer):
     """SGD (or Adam, AdamW) training of an MLP classifier with the whole step in one fused op, as a
     torch.optim.Optimizer.
 
@@ -173,7 +112,7 @@ class FusedTrainer(torch.optim.Optimizer):
                  weight_decay: Optional[float] = None, nesterov: bool = False, *, ignore_index: int = -100,
                  label_smoothing: float = 0.0, optimizer: str = "sgd", betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, distributed: Optional[bool] = None):
-        layers = _mlp_layers(model)
+        layers = mlp_layers(model)
         params: List[nn.Parameter] = []
         for layer in layers:
             params += [layer.weight, layer.bias]
@@ -216,9 +155,9 @@ class FusedTrainer(torch.optim.Optimizer):
         # Where each parameter lives, to notice one replaced after construction.
         self._slots = [(layer, attr, names[id(getattr(layer, attr))]) for layer in layers for attr in ("weight", "bias")]
         self._workspaces: Dict[Tuple, Tuple[List[Tensor], Tensor]] = {}
-        self._world_size = _world_size(distributed)
+        self._world_size = trainer_world_size(distributed)
         if self._world_size > 1:
-            _broadcast_from_rank_0(params)
+            broadcast_from_rank_0(params)
         self._fused_op = optimizer == "sgd" and self._world_size == 1  # train_step_sgd can run (see _fused_sgd)
         self._checked_buffers: Tuple[Any, List[Tensor]] = (None, [])
 
@@ -436,128 +375,6 @@ class FusedTrainer(torch.optim.Optimizer):
             labels = labels.long()
         return x, labels
 
-    def fit_epoch(self, images: Tensor, labels: Tensor, batch_size: int,
-                  generator: Optional[torch.Generator] = None, lr_schedule: Optional[Sequence[float]] = None, *,
-                  order: Optional[Tensor] = None, chunk: Optional[int] = None,
-                  on_chunk: Optional[Callable[[int, Tensor, Tensor], None]] = None) -> Tuple[Tensor, Tensor]:
-        """One epoch of training steps; returns the per-step (losses, correct counts) as tensors on the device.
-
-        The same training, bit for bit, as the step loop
-
-            order = torch.randperm(len(images), generator=generator)
-            for s, start in enumerate(range(0, len(order), batch_size)):
-                index = order[start:start + batch_size]
-                trainer.step(images[index], labels[index])   # with lr = lr_schedule[s] when given
-
-        For SGD on one process the steps (batch gather included) run in C++, ``chunk`` steps per call
-        (default: all of them in one call); otherwise (Adam, an all-reduce, a frozen parameter) it is
-        that loop. images: (N, ...) on the parameters' device and of their dtype (all the training
-        data, e.g. a normalized Split); labels: (N,) class indices. order: the sample order to use
-        instead of a permutation drawn with ``generator`` (any 1-D index tensor, e.g.
-        data.Batches.indices()). lr_schedule: one learning rate per step; trainer.lr (unchanged)
-        otherwise. on_chunk(samples, losses, correct) is called after each ``chunk`` steps with the
-        number of samples they trained and their losses and correct counts (e.g. to update a progress
-        bar). Every index and target of the epoch is checked before the first update.
-        """
-        x, labels = self._inputs(images, labels, "fit_epoch")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"FusedTrainer.fit_epoch: batch_size must be a positive int, got {batch_size!r}")
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-            raise ValueError(f"FusedTrainer.fit_epoch: chunk must be a positive number of steps, got {chunk!r}")
-        if order is None:  # drawn on the CPU, as data.Batches does: the same order on every device
-            order = torch.randperm(x.shape[0], generator=generator)
-        elif generator is not None:
-            raise ValueError("FusedTrainer.fit_epoch: pass either an order or a generator to draw one, not both")
-        order = order.to(x.device)
-        steps = -(-order.shape[0] // batch_size) if order.dim() == 1 else 0
-        if lr_schedule is None:
-            lrs = torch.full((steps,), self.lr, dtype=torch.float64)
-        else:
-            lrs = torch.as_tensor(lr_schedule, dtype=torch.float64, device="cpu").flatten()
-            if lrs.shape[0] != steps:
-                raise ValueError(f"FusedTrainer.fit_epoch: lr_schedule has {lrs.shape[0]} learning rates for "
-                                 f"{steps} steps ({order.shape[0]} samples in batches of {batch_size})")
-            if (lrs < 0).any():  # before the first step, not halfway through the epoch
-                raise ValueError(f"Invalid learning rate: {lrs[lrs < 0][0].item()}")
-        chunk = chunk or max(steps, 1)
-        params = self._current_params()
-        fused = self._fused_sgd(params)
-        if fused is None:
-            return self._fit_epoch_steps(x, labels, order, batch_size, lrs.tolist(), chunk, on_chunk)
-        if chunk < steps:  # each call checks its own steps; a bad target in a later one must fail before the first
-            self._check_epoch(x, labels, order, batch_size)
-        losses, correct = [], []
-        for first in range(0, max(steps, 1), chunk):
-            last = min(first + chunk, steps)
-            part = order[first * batch_size:last * batch_size]
-            buffers, first_step = fused
-            group = self.param_groups[0]
-            chunk_losses, chunk_correct = _train_epoch_sgd(
-                x, labels, part, batch_size, lrs[first:last], params, buffers, group["momentum"], group["dampening"],
-                group["weight_decay"], group["nesterov"], first_step, self.ignore_index, self.label_smoothing)
-            if first_step and last > first:  # only once an update went through
-                self._store_buffers(params, buffers)
-                fused = self._fused_sgd(params)
-            losses.append(chunk_losses)
-            correct.append(chunk_correct)
-            if on_chunk is not None:
-                on_chunk(part.shape[0], chunk_losses, chunk_correct)
-        return torch.cat(losses), torch.cat(correct)
-
-    def _fit_epoch_steps(self, x: Tensor, labels: Tensor, order: Tensor, batch_size: int, lrs: List[float],
-                         chunk: int, on_chunk) -> Tuple[Tensor, Tensor]:
-        """fit_epoch as its loop of steps (Adam, an all-reduce, a frozen parameter)."""
-        self._check_epoch(x, labels, order, batch_size, strict=True)
-        params = self._current_params()
-        losses, correct = [], []
-        steps = len(lrs)
-        for first in range(0, max(steps, 1), chunk):
-            last = min(first + chunk, steps)
-            chunk_losses, chunk_correct = [], []
-            for s in range(first, last):
-                index = order[s * batch_size:(s + 1) * batch_size]
-                loss, hits = self._train_batch(x.index_select(0, index), labels.index_select(0, index), params, lrs[s])
-                chunk_losses.append(loss)
-                chunk_correct.append(hits)
-            chunk_losses = torch.stack(chunk_losses) if chunk_losses else x.new_empty((0,))
-            chunk_correct = torch.stack(chunk_correct) if chunk_correct else labels.new_empty((0,))
-            losses.append(chunk_losses)
-            correct.append(chunk_correct)
-            if on_chunk is not None:
-                on_chunk(min(last * batch_size, order.shape[0]) - first * batch_size, chunk_losses, chunk_correct)
-        return torch.cat(losses), torch.cat(correct)
-
-    def _check_epoch(self, x: Tensor, labels: Tensor, order: Tensor, batch_size: int, strict: bool = False) -> None:
-        """The epoch op's up-front checks of order and targets (csrc/train_epoch.cpp), over the whole epoch.
-        What they need is checked by the op itself on its first call, before it trains, unless strict
-        (an epoch that runs as a loop of steps)."""
-        n = x.shape[0]
-        where = "FusedTrainer.fit_epoch"
-        if strict:
-            if labels.dtype != torch.int64:
-                raise TypeError(f"{where}: expected labels of dtype int64, got {labels.dtype}")
-            if labels.shape != (n,):
-                raise ValueError(f"{where}: expected labels of shape ({n},) (one per image), got shape "
-                                 f"{tuple(labels.shape)}")
-            if order.dtype != torch.int64:
-                raise TypeError(f"{where}: expected an int64 order, got {order.dtype}")
-            if order.dim() != 1:
-                raise ValueError(f"{where}: expected a 1-D order (sample indices), got shape {tuple(order.shape)}")
-        elif order.dtype != torch.int64 or order.dim() != 1 or labels.dtype != torch.int64 or labels.shape != (n,):
-            return
-        if order.numel() == 0:
-            return
-        low, high = (int(v) for v in torch.aminmax(order))
-        if low < 0 or high >= n:
-            raise IndexError(f"{where}: order holds index {low if low < 0 else high}, out of range for {n} samples")
-        targets = labels[order]
-        classes = self._params[-1].shape[0]
-        bad = (targets != self.ignore_index) & ((targets < 0) | (targets >= classes))
-        if bad.any():
-            i = int(bad.nonzero()[0, 0])
-            raise IndexError(f"{where}: Target {int(targets[i])} is out of bounds for {classes} "
-                             f"classes (sample {int(order[i])}, step {i // batch_size}).")
-
     def __repr__(self) -> str:
         sizes = [self._params[0].shape[1]] + [w.shape[0] for w in self._params[::2]]
         keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov") if self.optimizer == "sgd" else \
@@ -579,23 +396,3 @@ def _hooks_or_profiler() -> bool:
     """Whether a global optimizer step hook is registered (or torch's registry of them has moved) or the
     profiler is on: then step runs through Optimizer's wrapper."""
     return any(hooks is None or hooks for hooks in _GLOBAL_HOOKS) or torch._C._autograd._profiler_enabled()
-
-
-def _world_size(distributed: Optional[bool]) -> int:
-    """The number of processes whose gradients the trainer averages (1: none)."""
-    if distributed is False:
-        return 1
-    initialized = dist.is_available() and dist.is_initialized()
-    if distributed and not initialized:
-        raise ValueError("FusedTrainer(distributed=True) needs torch.distributed initialized first "
-                         "(torch.distributed.init_process_group, as under torchrun)")
-    return dist.get_world_size() if initialized else 1
-
-
-@torch.no_grad()
-def _broadcast_from_rank_0(params: List[Tensor]) -> None:
-    """Rank 0's parameters on every process, in one collective (DistributedDataParallel's start)."""
-    flat = torch.cat([p.reshape(-1) for p in params])
-    dist.broadcast(flat, 0)
-    for p, value in zip(params, flat.split([p.numel() for p in params])):
-        p.copy_(value.view(p.shape))

@@ -179,7 +179,7 @@ def _sigterm_at(monkeypatch, target, attribute, calls_before):
 def test_sigterm_then_resume_ends_with_the_weights_of_an_uninterrupted_run(run, tmp_path, monkeypatch, capsys):
     straight, resumed = tmp_path / "straight.pt", tmp_path / "resumed.pt"
     assert run("--epochs", "3", "--checkpoint", str(straight)) == 0
-    undo = _sigterm_at(monkeypatch, train, "_train_epoch", calls_before=1)
+    undo = _sigterm_at(monkeypatch, train, "train_epoch", calls_before=1)
     assert run("--epochs", "3", "--checkpoint", str(resumed)) == 143
     assert "continue with --resume" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() put the old handler back
@@ -208,7 +208,7 @@ def test_sigterm_while_writing_the_checkpoint_keeps_the_previous_one(run, tmp_pa
 
 
 def test_sigterm_before_the_first_checkpoint_says_there_is_none(run, tmp_path, monkeypatch, capsys):
-    _sigterm_at(monkeypatch, train, "_train_epoch", calls_before=0)
+    _sigterm_at(monkeypatch, train, "train_epoch", calls_before=0)
     assert run("--epochs", "2", "--checkpoint", str(tmp_path / "run.pt")) == 143
     assert "before the first epoch ended; no checkpoint was written" in capsys.readouterr().err
 

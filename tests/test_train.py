@@ -224,7 +224,7 @@ def test_checkpoint_with_the_earlier_model_keys_resumes(run, tmp_path):
 
 def _interrupt_after(monkeypatch, epochs):
     """Make the next run raise KeyboardInterrupt (as Ctrl-C) in the middle of epoch epochs + 1."""
-    real_epoch, calls = train._train_epoch, []
+    real_epoch, calls = train.train_epoch, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -232,8 +232,8 @@ def _interrupt_after(monkeypatch, epochs):
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(train, "_train_epoch", interrupted)
-    return lambda: monkeypatch.setattr(train, "_train_epoch", real_epoch)
+    monkeypatch.setattr(train, "train_epoch", interrupted)
+    return lambda: monkeypatch.setattr(train, "train_epoch", real_epoch)
 
 
 @pytest.mark.parametrize("options", [

@@ -294,7 +294,7 @@ def test_cli_epoch_of_fused_step_is_the_step_loop(monkeypatch):
     ref, model = mlp(), mlp()
     loop_trainer, trainer = FusedTrainer(ref, lr=0.05, momentum=0.9), FusedTrainer(model, lr=0.05, momentum=0.9)
     ref_sum = torch.zeros((), dtype=torch.float64)
-    for x, y in batches:  # the loop _train_epoch runs for the other optimizers
+    for x, y in batches:  # the loop train_epoch runs for the other optimizers
         ref_sum += loop_trainer.step(x, y)[0].double() * y.shape[0]
 
     class Progress:
@@ -310,7 +310,7 @@ def test_cli_epoch_of_fused_step_is_the_step_loop(monkeypatch):
     calls = []
     fit_epoch = FusedTrainer.fit_epoch
     monkeypatch.setattr(FusedTrainer, "fit_epoch", lambda *a, **k: calls.append(1) or fit_epoch(*a, **k))
-    loss_sum, seen = train._train_epoch(model, None, trainer, batches, torch.device("cpu"), progress)
+    loss_sum, seen = train.train_epoch(model, None, trainer, batches, torch.device("cpu"), progress)
     assert calls, "the fused-step epoch did not go through fit_epoch"
     assert seen == progress.samples == 300
     torch.testing.assert_close(loss_sum, ref_sum, rtol=1e-12, atol=0)

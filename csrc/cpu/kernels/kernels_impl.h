@@ -54,7 +54,21 @@ inline void store(scalar_t* p, const Vec<acc_t>& v, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     v.store(p, n);
   } else {  // rounded as static_cast does (round to nearest even)
-    at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
+    const Vec<scalar_t> packed = at::vec::convert_from_float<scalar_t>(v, v);  // v's L values, twice
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    // A full vector's worth is the low half of `packed`: one plain store (Vectorized::store(p, n)
+    // with n below its 2L lanes goes through a buffer and memcpy, which made bfloat16 passes slower
+    // than stock's).
+    if (n == Vec<acc_t>::size()) {
+#if defined(CPU_CAPABILITY_AVX512)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(__m512i(packed)));
+#else
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(__m256i(packed)));
+#endif
+      return;
+    }
+#endif
+    packed.store(p, n);
   }
 }
 
