@@ -89,12 +89,28 @@ def cuda_arch_list():
     return DEFAULT_CUDA_ARCHS
 
 
+def openmp_flags():
+    """-fopenmp where torch runs its intra-op threads on OpenMP (its Linux builds).
+
+    ATen's at::parallel_for is a header template: compiled without -fopenmp it runs every task on
+    the calling thread, so the kernels would ignore torch.set_num_threads. The flag links libgomp,
+    which is the one torch loaded (same soname), so the ops share torch's thread pool.
+    """
+    if sys.platform != "linux":
+        return []
+    try:
+        import torch
+    except ImportError:
+        return []
+    return ["-fopenmp"] if torch.backends.openmp.is_available() else []
+
+
 def kernel_flags():
     """Compiler flags of the C++ kernels in every build of them (setup.py, CMake)."""
     sanitize = env_flag("MNIST_FAST_SANITIZE") or False
     # -fno-trapping-math lets the compiler if-convert and vectorize the kernels' float selects (the
     # softmax exp in particular); results and NaN/inf semantics are unchanged (unlike -ffast-math).
-    flags = ["-fno-trapping-math"]
+    flags = ["-fno-trapping-math"] + openmp_flags()
     # No -march by default: the build runs on any CPU of its architecture; the vector kernels get
     # their ISA per capability (csrc/cpu/kernels/capability_*.cpp) and are chosen at run time.
     # -Wno-psabi: g++'s note that passing vector types changed ABI in GCC 4.x, irrelevant here.
@@ -119,10 +135,10 @@ def optimization_flags():
 
 def link_flags():
     if env_flag("MNIST_FAST_SANITIZE"):
-        return ["-fsanitize=address,undefined"]
+        return ["-fsanitize=address,undefined"] + openmp_flags()
     if env_flag("MNIST_FAST_DEBUG"):
-        return []
-    return ["-Wl,--strip-debug"]  # release: the wheel ships code, not 24 MB of DWARF
+        return openmp_flags()
+    return ["-Wl,--strip-debug"] + openmp_flags()  # release: the wheel ships code, not 24 MB of DWARF
 
 
 def nvcc_flags():

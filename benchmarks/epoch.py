@@ -9,6 +9,10 @@ Rows (one epoch: draw the shuffle, gather every batch, train on it):
   fit_epoch         FusedTrainer.fit_epoch, 100 steps per call (what --backend fused-step runs now)
   fit_epoch 1 call  FusedTrainer.fit_epoch, the whole epoch in one call
   GEMM floor        the 8 GEMMs of a step alone (torch.mm into preallocated outputs) x steps
+  compute ceiling   a fixed amount of large-GEMM work (60 torch.mm of 512x512 matrices): how much the
+                    machine's cores give at this thread count during this run; its 1-thread / N-thread
+                    ratio bounds any N-thread speedup (on a VM whose cores are shared with other tenants,
+                    it is well below N at times)
   JAX lax.scan      the whole epoch as one jax.jit'ed lax.scan, shuffle and gather inside, same init
                     ranges (U(+-1/sqrt(fan_in))) and recipe; only when jax imports, in this
                     interpreter or in the one given by --jax-python (a worker process that
@@ -184,12 +188,20 @@ def torch_contenders(images, labels, batch):
         for _ in range(steps):
             gemms()
 
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    c = torch.empty(512, 512)
+
+    def compute_ceiling():
+        for _ in range(60):
+            torch.mm(a, b, out=c)
+
     return {
         "stock eager": stock_epoch,
         "fused-step loop": trainer_epochs(loop),
         "fit_epoch": trainer_epochs(fit(100)),
         "fit_epoch 1 call": trainer_epochs(fit(None)),
         "GEMM floor": gemm_floor,
+        "compute ceiling": compute_ceiling,
     }
 
 

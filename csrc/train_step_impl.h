@@ -1,8 +1,8 @@
-// The parts of train_step_sgd (and train_step_grads) that are the same on every backend: the
-// argument checks, the GEMMs through ATen (MKL/oneDNN, cuBLAS), the workspace and the order of the
-// passes. Each backend passes in its kernels (cpu/train_step.cpp, cuda/train_step.cu), a struct with
-// these static functions, and registers train_step_sgd_impl<its kernels> and
-// train_step_grads_impl<its kernels> as its kernels of the two ops:
+// The fused SGD training step (train_step_sgd) and its gradient-only form (train_step_grads): the
+// argument checks and entry points every backend shares, and the sequential schedule CUDA runs
+// (the CPU splits the same passes between its threads: cpu/train_step.cpp). A backend registers
+// train_step_sgd_impl<its step> and train_step_grads_impl<its step>; the sequential step,
+// train_step<Kernels>, takes a struct of the backend's kernels with these static functions:
 //   valid_rows(target, classes, ignore_index)        raises IndexError for a class index out of
 //                                                    range; returns the number of rows not ignored
 //   bias_relu_inplace(z, bias)                       z = relu(z + bias), linear_relu's epilogue
@@ -100,7 +100,9 @@ std::tuple<at::Tensor, at::Tensor> train_step(const at::Tensor& input, const at:
   return {loss, correct};
 }
 
-template <typename Kernels>
+// A backend's step: step(input, target, params, momentum_buffers, workspace, sgd or null,
+// ignore_index, label_smoothing) on checked arguments, as train_step<Kernels> below.
+template <auto step>
 std::tuple<at::Tensor, at::Tensor> train_step_sgd_impl(const at::Tensor& input, const at::Tensor& target,
                                                        at::TensorList params, at::TensorList momentum_buffers,
                                                        at::TensorList workspace, double lr, double momentum,
@@ -110,16 +112,16 @@ std::tuple<at::Tensor, at::Tensor> train_step_sgd_impl(const at::Tensor& input, 
   check_train_step_args(input, target, params, momentum_buffers, workspace, lr, momentum, dampening, weight_decay,
                         nesterov, label_smoothing);
   const SgdArgs sgd{lr, momentum, dampening, weight_decay, nesterov, first_step};
-  return train_step<Kernels>(input, target, params, momentum_buffers, workspace, &sgd, ignore_index, label_smoothing);
+  return step(input, target, params, momentum_buffers, workspace, &sgd, ignore_index, label_smoothing);
 }
 
-template <typename Kernels>
+template <auto step>
 std::tuple<at::Tensor, at::Tensor> train_step_grads_impl(const at::Tensor& input, const at::Tensor& target,
                                                          at::TensorList params, at::TensorList workspace,
                                                          int64_t ignore_index, double label_smoothing) {
   check_train_step_args(input, target, params, {}, workspace, 0.0, 0.0, 0.0, 0.0, false, label_smoothing,
                         "mnist_fast.train_step_grads");
-  return train_step<Kernels>(input, target, params, {}, workspace, nullptr, ignore_index, label_smoothing);
+  return step(input, target, params, {}, workspace, nullptr, ignore_index, label_smoothing);
 }
 
 }  // namespace mnist_fast

@@ -447,3 +447,56 @@ def test_uint8_labels_and_mismatched_images():
     trainer.step(x, torch.randint(0, 5, (6,), dtype=torch.uint8))
     with pytest.raises(TypeError, match="FusedTrainer.step: expected images of the parameters' dtype"):
         trainer.step(x.double(), torch.randint(0, 5, (6,)))
+
+
+@pytest.fixture
+def intra_op_threads():
+    """torch.set_num_threads for the test, restored after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("sizes", [(784, 32, 16, 10), (20, 10), (20, 48, 40, 24, 10)], ids=["mlp", "one-layer", "deep"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_step_split_between_threads_matches_one_thread(intra_op_threads, sizes, dtype):
+    # The CPU step splits rows and features between threads: the same math in another rounding
+    # order, and always the same order for a given thread count. Batches of uneven splits included
+    # (37 rows: 40 + ... blocks of 8; 16: the smallest that splits; 9: one thread).
+    torch.manual_seed(0)
+    base = models.stock_mlp(sizes).to(dtype)
+    batches = make_batches([64, 37, 16, 9, 64], in_shape=(sizes[0],), dtype=dtype)
+    batches[1][1][::5] = -100
+    config = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    runs = {}
+    for name, threads in [("one", 1), ("two", 2), ("two again", 2), ("three", 3)]:
+        intra_op_threads(threads)
+        model = fuse(copy.deepcopy(base))
+        losses, correct = fused_run(FusedTrainer(model, label_smoothing=0.1, **config), batches)
+        runs[name] = (torch.stack(losses), correct, [p.detach().clone() for p in model.parameters()])
+    tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for name in ("two", "three"):
+        torch.testing.assert_close(runs[name][0], runs["one"][0], **tol)
+        assert runs[name][1] == runs["one"][1]
+        for p, q in zip(runs[name][2], runs["one"][2]):
+            torch.testing.assert_close(p, q, **tol)
+    # deterministic for a fixed thread count: bit for bit
+    assert torch.equal(runs["two"][0], runs["two again"][0])
+    assert all(torch.equal(p, q) for p, q in zip(runs["two"][2], runs["two again"][2]))
+
+
+def test_gradients_split_between_threads_match_one_thread(intra_op_threads):
+    # train_step_grads (Adam's and DDP's step) on two threads: the gradients of one.
+    torch.manual_seed(0)
+    params = [p.detach() for p in models.stock_mlp((784, 32, 16, 10)).parameters()]
+    x, y = make_batches([64], in_shape=(784,))[0]
+    grads = {}
+    for threads in (1, 2):
+        intra_op_threads(threads)
+        workspace = torch.ops.mnist_fast.train_step_workspace(x, params)
+        loss, correct = torch.ops.mnist_fast.train_step_grads(x, y, params, workspace, -100, 0.0)
+        grads[threads] = (loss, correct, [w.clone() for w in workspace[-len(params):]])
+    torch.testing.assert_close(grads[2][0], grads[1][0], rtol=1e-6, atol=1e-7)
+    assert int(grads[2][1]) == int(grads[1][1])
+    for g2, g1 in zip(grads[2][2], grads[1][2]):
+        torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-7)

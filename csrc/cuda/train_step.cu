@@ -1,4 +1,4 @@
-// One SGD training step of an MLP on CUDA: train_step_impl.h's passes (shared with the CPU) with
+// One SGD training step of an MLP on CUDA: train_step_impl.h's sequential passes with
 // the GEMMs in ATen (cuBLAS), linear_relu's epilogue and mask kernels, the loss pass built on the
 // cross-entropy row kernels (kernels.cuh), and an SGD kernel applying row_math.h's update, all on
 // the current stream.
@@ -94,8 +94,8 @@ struct CudaStepKernels {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mnist_fast, CUDA, m) {
-  m.impl("train_step_sgd", TORCH_FN(train_step_sgd_impl<CudaStepKernels>));
-  m.impl("train_step_grads", TORCH_FN(train_step_grads_impl<CudaStepKernels>));
+  m.impl("train_step_sgd", TORCH_FN(train_step_sgd_impl<train_step<CudaStepKernels>>));
+  m.impl("train_step_grads", TORCH_FN(train_step_grads_impl<train_step<CudaStepKernels>>));
 }
 
 }  // namespace mnist_fast
