@@ -457,12 +457,14 @@ def intra_op_threads():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("sizes", [(784, 32, 16, 10), (20, 10), (20, 48, 40, 24, 10)], ids=["mlp", "one-layer", "deep"])
+@pytest.mark.parametrize("sizes", [(784, 32, 16, 10), (20, 10), (20, 48, 40, 24, 10), (20, 8, 12, 10)],
+                         ids=["mlp", "one-layer", "deep", "narrow-first"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_step_split_between_threads_matches_one_thread(intra_op_threads, sizes, dtype):
     # The CPU step splits rows and features between threads: the same math in another rounding
     # order, and always the same order for a given thread count. Batches of uneven splits included
-    # (37 rows: 40 + ... blocks of 8; 16: the smallest that splits; 9: one thread).
+    # (37 rows: blocks of 8; 16: the smallest that splits; 9: one thread); the first layer's
+    # forward goes by features for the wide first layers, by rows for "narrow-first" and one layer.
     torch.manual_seed(0)
     base = models.stock_mlp(sizes).to(dtype)
     batches = make_batches([64, 37, 16, 9, 64], in_shape=(sizes[0],), dtype=dtype)

@@ -2,11 +2,12 @@
 // torch.optim.SGD update, on workspaces the caller allocates once per batch size. The passes are
 // train_step_impl.h's; here they are split between torch's intra-op threads, so that a step, not
 // only each GEMM, uses every core (a batch-64 step's GEMMs are too small for MKL to split well):
-//   by rows     (contiguous blocks of the batch): the forward through every layer, the loss rows,
+//   by rows     (contiguous blocks of the batch): the forward through the layers, the loss rows,
 //               and each layer's input grad G_{l-1} = dZ_l W_l with its ReLU mask. A worker's rows
 //               flow through these passes without waiting for the others.
 //   by features (blocks of weight rows): each layer's weight grad dZ_l^T A_{l-1}, its bias grad
-//               (the workers' column sums over their rows, added in worker order) and the update.
+//               (the workers' column sums over their rows, added in worker order) and the update;
+//               and the first layer's forward when its weight is the larger operand (small batches).
 // One barrier before each layer's feature pass: it reads dZ_l of every row, and it may update W_l
 // only once every worker has read it. The blocks are a fixed function of the thread count, so a
 // step is deterministic for a given thread count; on one thread it is the sequential step. The
@@ -105,9 +106,19 @@ struct Step {
     }
   }
 
+  // The first layer's forward by features when its weight outweighs the input rows a worker would
+  // get (a batch-64 step: 128x784 against 32x784): each worker then packs only its part of W_0, and
+  // the part it updates stays in its core's cache from one step to the next.
+  bool first_layer_by_features() const { return threads > 1 && layers > 1 && out[0] * threads >= rows; }
+
   template <typename Barrier>
   void run(int64_t t, const Barrier& barrier) {
-    guarded([&] { forward_and_loss(t); });
+    const bool by_features = first_layer_by_features();
+    if (by_features) {
+      guarded([&] { first_layer_forward(t); });
+      barrier();
+    }
+    guarded([&] { forward_and_loss(t, by_features ? 1 : 0); });
     for (int64_t l = layers - 1; l >= 0; --l) {
       guarded([&] { input_grad(t, l); });
       // (the weight grads of layer 0 read only the input and dZ_0, complete since layer 1's barrier)
@@ -116,13 +127,23 @@ struct Step {
     }
   }
 
-  void forward_and_loss(int64_t t) {
+  // Layer 0's forward for worker t's features, every row.
+  void first_layer_forward(int64_t t) {
+    const auto features = share(out[0], t, threads, kFeatureBlock);
+    const int64_t f0 = features.first, width = features.second - f0;
+    if (width == 0) return;
+    cpu::gemm(false, true, rows, width, in[0], x, in[0], w[0] + f0 * in[0], in[0], z[0] + f0, out[0]);
+    const auto& k = cpu::kernels<scalar_t>();
+    for (int64_t i = 0; i < rows; ++i) k.bias_relu(z[0] + i * out[0] + f0, b[0] + f0, 1, width, /*relu=*/true);
+  }
+
+  // The forward from layer `from` on and the loss, for worker t's rows.
+  void forward_and_loss(int64_t t, int64_t from) {
     const auto& k = cpu::kernels<scalar_t>();
     const int64_t last = layers - 1;
     const auto rows_of_t = share(rows, t, threads, kRowBlock);
     const int64_t r0 = rows_of_t.first, r1 = rows_of_t.second, n = r1 - r0;
-    // forward, this worker's rows
-    for (int64_t l = 0; l < layers && n > 0; ++l) {
+    for (int64_t l = from; l < layers && n > 0; ++l) {
       const scalar_t* a = l == 0 ? x : z[l - 1];
       cpu::gemm(false, true, n, out[l], in[l], a + r0 * in[l], in[l], w[l], in[l], z[l] + r0 * out[l], out[l]);
       if (l < last) k.bias_relu(z[l] + r0 * out[l], b[l], n, out[l], /*relu=*/true);
