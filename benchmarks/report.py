@@ -364,12 +364,17 @@ def targets(result: dict) -> List[dict]:
 
 def markdown(result: dict) -> str:
     m = result["machine"]
-    lines = [f"mnist_fast vs stock PyTorch {m['torch_version']} on {m['cpu_model']} "
-             f"({m['torch_threads']} thread(s), {m['cpu_count']} CPUs, CPU capability: ATen's kernels "
-             f"{m.get('cpu_capability', 'not recorded')}, mnist_fast's {m.get('mnist_fast_cpu_capability', 'not recorded')}), medians of "
-             f"{result['config']['repeats']} interleaved repeats, {result['config']['clock']} clock; "
-             f"speedup = stock / ours of the medians; p10–p90: spread of the per-round ratios (each round "
-             f"times ours and stock back to back). Command: `{result['command']}`", ""]
+    machine = (f"mnist_fast vs stock PyTorch {m['torch_version']} on {m['cpu_model']} "
+               f"({m['torch_threads']} thread(s), {m['cpu_count']} CPUs, CPU capability: ATen's kernels "
+               f"{m.get('cpu_capability', 'not recorded')}, mnist_fast's {m.get('mnist_fast_cpu_capability', 'not recorded')})")
+    if result["config"].get("epochs_only"):
+        how = (f"whole epochs only: {result['config']['epoch_rounds']} interleaved rounds per child process, "
+               f"the thread count and clock of each row below")
+    else:
+        how = (f"medians of {result['config']['repeats']} interleaved repeats, {result['config']['clock']} clock; "
+               f"speedup = stock / ours of the medians; p10–p90: spread of the per-round ratios (each round "
+               f"times ours and stock back to back)")
+    lines = [f"{machine}, {how}. Command: `{result['command']}`", ""]
     f = result.get("floors")
     if f:
         lines += [f"Floors in this run: `leaf.sum().backward()` of a [64, 10] leaf (the autograd engine) "

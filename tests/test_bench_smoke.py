@@ -49,6 +49,19 @@ def test_report_quick_writes_json_and_png(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == table.strip()
 
 
+def test_report_epochs_only(tmp_path, capsys):
+    out_json = tmp_path / "epochs.json"
+    report.main(["--epochs-only", "--silent", "--epoch-threads", "1,2", "--epoch-batches", "64", "--epoch-rounds", "1",
+                 "--epoch-samples", "128", "--out-json", str(out_json)])
+    table = capsys.readouterr().out
+    result = json.loads(out_json.read_text())
+    assert result["rows"] == [] and "All comparisons" not in table and "whole epochs only" in table
+    assert [(e["threads"], e["batch"]) for e in result["epochs"]] == [(1, 64), (2, 64)]
+    assert all(e["median_s"]["compute ceiling"] > 0 for e in result["epochs"])
+    (scaling,) = [t for t in result["targets"] if "2 threads >=" in t["target"]]
+    assert "the compute ceiling scaled" in scaling["value"]
+
+
 def test_report_rejects_unknown_dtype():
     with pytest.raises(SystemExit):
         report.parse_args(["--dtypes", "float8"])
