@@ -7,6 +7,7 @@
 // dispatcher (ops.h): this file has no kernel of its own, so it runs on every backend the step
 // has (CPU, CUDA) and follows whatever the step's kernels become. Its autograd kernel is the
 // step's, in autograd.cpp.
+#include <ATen/Parallel.h>
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/index_select.h>
@@ -14,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "ops.h"
@@ -63,6 +65,35 @@ at::Tensor epoch_targets(const at::Tensor& images, const at::Tensor& labels, con
   return targets;
 }
 
+// x = x_all[index] (rows). On the CPU, a copy loop that prefetches the next rows while it copies one,
+// on every intra-op thread: a shuffled epoch's rows are scattered over the whole data set (188 MB
+// for MNIST), so the gather streams from DRAM, and index_select, one row after the other, waits on
+// memory for each (on this project's VM: 4.5 GB/s against ~6 GB/s for a plain memcpy of one core;
+// 1.3x faster with rows in flight, and a second thread brings its own share of bandwidth). The
+// indices are in range (epoch_targets checked the whole order).
+void gather_rows(at::Tensor& x, const at::Tensor& x_all, const at::Tensor& index) {
+  if (!x_all.is_cpu() || !x_all.is_contiguous() || !index.is_contiguous()) {
+    at::index_select_out(x, x_all, 0, index);
+    return;
+  }
+  constexpr int64_t kAhead = 3, kLine = 64, kRowsPerTask = 16;
+  const int64_t row_bytes = x_all.size(1) * x_all.element_size();
+  const auto* src = static_cast<const char*>(x_all.const_data_ptr());
+  auto* dst = static_cast<char*>(x.data_ptr());
+  const int64_t* idx = index.const_data_ptr<int64_t>();
+  at::parallel_for(0, index.size(0), kRowsPerTask, [&](int64_t first, int64_t last) {
+    auto prefetch = [&](int64_t i) {
+      const char* row = src + idx[i] * row_bytes;
+      for (int64_t b = 0; b < row_bytes; b += kLine) __builtin_prefetch(row + b, /*read*/ 0, /*into L2*/ 1);
+    };
+    for (int64_t i = first; i < std::min(last, first + kAhead); ++i) prefetch(i);
+    for (int64_t i = first; i < last; ++i) {
+      if (i + kAhead < last) prefetch(i + kAhead);
+      std::memcpy(dst + i * row_bytes, src + idx[i] * row_bytes, row_bytes);
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> train_epoch_sgd_kernel(
     const at::Tensor& images, const at::Tensor& labels, const at::Tensor& order, int64_t batch_size,
     const at::Tensor& lr, at::TensorList params, at::TensorList momentum_buffers, double momentum, double dampening,
@@ -87,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor> train_epoch_sgd_kernel(
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t start = s * batch_size, rows = std::min(batch_size, samples - start);
     at::Tensor x = batch.narrow(0, 0, rows);
-    at::index_select_out(x, x_all, 0, order.narrow(0, start, rows));
+    gather_rows(x, x_all, order.narrow(0, start, rows));
     if (rows != workspace_rows) {
       workspace = train_step_workspace(x, params);
       workspace_rows = rows;
