@@ -17,11 +17,12 @@ echo "== build: sdist, then the wheel from the sdist (log: $WORK/build.log)"
 "$PY" -m build --no-isolation --outdir "$WORK/dist" . > "$WORK/build.log" 2>&1 || { tail -n 40 "$WORK/build.log"; exit 1; }
 SDIST=$(ls "$WORK"/dist/*.tar.gz)
 # The manylinux tag: auditwheel checks the wheel's symbol versions and retags it; torch's own libraries
-# are the user's torch (the pin), never vendored.
+# are the user's torch (the pin), never vendored. libgomp neither: the extension must share torch's
+# OpenMP runtime (the libgomp.so.1 torch loads), not bring a second one with its own thread pool.
 echo "== auditwheel repair (manylinux tag; torch's libraries excluded)"
 PATH="$(dirname "$PY"):$PATH" "$(dirname "$PY")/auditwheel" repair -w "$WORK/wheelhouse" \
   --exclude 'libtorch*.so' --exclude 'libc10*.so' --exclude 'libcudart.so*' --exclude 'libcublas*.so*' \
-  "$WORK"/dist/*.whl > "$WORK/auditwheel.log" 2>&1 || { tail -n 20 "$WORK/auditwheel.log"; exit 1; }
+  --exclude 'libgomp.so*' "$WORK"/dist/*.whl > "$WORK/auditwheel.log" 2>&1 || { tail -n 20 "$WORK/auditwheel.log"; exit 1; }
 WHEEL=$(ls "$WORK"/wheelhouse/*.whl)
 case "$WHEEL" in *manylinux*) ;; *) echo "auditwheel gave no manylinux tag: $WHEEL"; exit 1 ;; esac
 
@@ -39,6 +40,8 @@ assert any(n.endswith("py.typed") for n in z.namelist()), "the wheel lacks py.ty
 assert any(n.endswith(".dist-info/licenses/LICENSE") for n in z.namelist()), "the wheel lacks LICENSE"
 size = sum(i.file_size for i in so)
 assert size < 8 << 20, f"the extension is {size / 2**20:.1f} MiB: is it stripped?"
+vendored = [n for n in z.namelist() if "libgomp" in n]
+assert not vendored, f"the wheel vendors {vendored}: the extension must use torch's OpenMP runtime"
 print(f"sdist: {len(names)} files; wheel: {z.filename.rsplit('/', 1)[-1]}, extension {size / 2**20:.1f} MiB")
 PYEOF
 

@@ -25,6 +25,14 @@ if torch_pins != [f"torch=={release}.*"]:
 if not any(pathlib.PurePath(str(f)).name == "LICENSE" for f in dist.files or []):
     sys.exit("LICENSE is not in the installed metadata")
 
+# One OpenMP runtime in the process: the extension shares torch's libgomp (a vendored copy would
+# bring a second thread pool that competes with torch's for the cores).
+if sys.platform == "linux":
+    maps = pathlib.Path("/proc/self/maps").read_text().splitlines()
+    gomp = sorted({line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]})
+    if len(gomp) > 1:
+        sys.exit(f"more than one OpenMP runtime is loaded: {gomp}")
+
 torch.manual_seed(0)
 x = torch.randn(8, 784, requires_grad=True)
 w = torch.randn(128, 784, requires_grad=True)
