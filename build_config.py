@@ -135,10 +135,12 @@ def optimization_flags():
 
 def link_flags():
     if env_flag("MNIST_FAST_SANITIZE"):
-        return ["-fsanitize=address,undefined"] + openmp_flags()
-    if env_flag("MNIST_FAST_DEBUG"):
-        return openmp_flags()
-    return ["-Wl,--strip-debug"] + openmp_flags()  # release: the wheel ships code, not 24 MB of DWARF
+        flags = ["-fsanitize=address,undefined"]
+    elif env_flag("MNIST_FAST_DEBUG"):
+        flags = []
+    else:
+        flags = ["-Wl,--strip-debug"]  # release: the wheel ships code, not 24 MB of DWARF
+    return flags + openmp_flags()
 
 
 def nvcc_flags():

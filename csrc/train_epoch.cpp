@@ -4,9 +4,9 @@
 // the batches, and with them the parameters, are bit for bit those of the step-by-step loop; what
 // goes away is a Python round trip, a fresh batch and the bookkeeping per step. Each batch is
 // gathered into one reused buffer and trained by the train_step_sgd op, called through the
-// dispatcher (ops.h): this file has no kernel of its own, so it runs on every backend the step
-// has (CPU, CUDA) and follows whatever the step's kernels become. Its autograd kernel is the
-// step's, in autograd.cpp.
+// dispatcher (ops.h): apart from a CPU copy loop for the gather (gather_rows), this file has no
+// kernel of its own, so it runs on every backend the step has (CPU, CUDA) and follows whatever the
+// step's kernels become. Its autograd kernel is the step's, in autograd.cpp.
 #include <ATen/Parallel.h>
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>

@@ -90,6 +90,11 @@ struct Step {
   std::vector<int64_t> correct;     // (threads,)
 
   acc_t* sums_of(int64_t t, int64_t l) { return column_sums.data() + t * bias_offset.back() + bias_offset[l]; }
+  // Layer l's input A_{l-1}, and d loss / d Z_l (the last layer's over its logits).
+  const scalar_t* input_of(int64_t l) const { return l == 0 ? x : z[l - 1]; }
+  const scalar_t* grad_of(int64_t l) const { return l == layers - 1 ? z[l] : g[l]; }
+  // Worker t's rows.
+  std::pair<int64_t, int64_t> rows_of(int64_t t) const { return share(rows, t, threads, kRowBlock); }
 
   // Worker t of `threads`; barrier() waits for every worker. A worker that fails (nothing in it
   // should: the arguments are checked, the memory allocated) skips the rest of its work but still
@@ -141,11 +146,11 @@ struct Step {
   void forward_and_loss(int64_t t, int64_t from) {
     const auto& k = cpu::kernels<scalar_t>();
     const int64_t last = layers - 1;
-    const auto rows_of_t = share(rows, t, threads, kRowBlock);
-    const int64_t r0 = rows_of_t.first, r1 = rows_of_t.second, n = r1 - r0;
+    const auto [r0, r1] = rows_of(t);
+    const int64_t n = r1 - r0;
     for (int64_t l = from; l < layers && n > 0; ++l) {
-      const scalar_t* a = l == 0 ? x : z[l - 1];
-      cpu::gemm(false, true, n, out[l], in[l], a + r0 * in[l], in[l], w[l], in[l], z[l] + r0 * out[l], out[l]);
+      cpu::gemm(false, true, n, out[l], in[l], input_of(l) + r0 * in[l], in[l], w[l], in[l], z[l] + r0 * out[l],
+                out[l]);
       if (l < last) k.bias_relu(z[l] + r0 * out[l], b[l], n, out[l], /*relu=*/true);
     }
     // loss rows: last bias, argmax, the cross_entropy op's kernels (mean), the logit grad written
@@ -180,12 +185,11 @@ struct Step {
   // The input grad of layer l for worker t's rows, then its ReLU mask with the bias grad sums.
   void input_grad(int64_t t, int64_t l) {
     if (l == 0) return;
-    const auto rows_of_t = share(rows, t, threads, kRowBlock);
-    const int64_t r0 = rows_of_t.first, n = rows_of_t.second - r0;
+    const auto [r0, r1] = rows_of(t);
+    const int64_t n = r1 - r0;
     if (n == 0) return;
-    const scalar_t* dz = l == layers - 1 ? z[l] : g[l];
     scalar_t* grad = g[l - 1] + r0 * in[l];
-    cpu::gemm(false, false, n, in[l], out[l], dz + r0 * out[l], out[l], w[l], in[l], grad, in[l]);
+    cpu::gemm(false, false, n, in[l], out[l], grad_of(l) + r0 * out[l], out[l], w[l], in[l], grad, in[l]);
     const cpu::MaskGradArgs<scalar_t> m{grad, in[l], 1, z[l - 1] + r0 * in[l], grad, n, in[l]};
     for (int64_t c0 = 0; c0 < in[l]; c0 += cpu::kMaskColumns) {
       cpu::kernels<scalar_t>().mask_grad(m, c0, std::min(cpu::kMaskColumns, in[l] - c0), sums_of(t, l - 1) + c0);
@@ -197,9 +201,8 @@ struct Step {
     const auto features = share(out[l], t, threads, kFeatureBlock);
     const int64_t f0 = features.first, f1 = features.second;
     if (f0 == f1) return;
-    const scalar_t* dz = l == layers - 1 ? z[l] : g[l];
-    const scalar_t* below = l == 0 ? x : z[l - 1];
-    cpu::gemm(true, false, f1 - f0, in[l], rows, dz + f0, out[l], below, in[l], gw[l] + f0 * in[l], in[l]);
+    cpu::gemm(true, false, f1 - f0, in[l], rows, grad_of(l) + f0, out[l], input_of(l), in[l], gw[l] + f0 * in[l],
+              in[l]);
     for (int64_t j = f0; j < f1; ++j) {
       acc_t total = sums_of(0, l)[j];
       for (int64_t u = 1; u < threads; ++u) total += sums_of(u, l)[j];
