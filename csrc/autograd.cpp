@@ -13,6 +13,7 @@
 #include <ATen/ops/threshold_backward.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
@@ -97,6 +98,51 @@ struct CrossEntropyBackward : public SavedTensorsNode {
     out[0] = std::move(grad_input);
     out[1] = std::move(grad_target);
     return out;
+  }
+};
+
+// The node of the CPU path that computes the input's gradient in the forward
+// (_cross_entropy_forward_backward): that gradient is for an incoming grad of 1, so backward only
+// scales it, with no second pass over the logits. Saves the gradient (input's shape) instead of the
+// input and the row stats.
+struct CrossEntropyScaleBackward : public SavedTensorsNode {
+  // next edges: 0 input; saved: the unit gradient
+  CrossEntropyScaleBackward() : SavedTensorsNode("CrossEntropyBackward") {}
+  bool per_row = false;  // reduction 'none': one incoming grad per row
+
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(num_outputs());
+    if (!grads[0].defined() || !task_should_compute_output(0)) return out;
+    // The saved gradient is a constant here: a graph of this product would miss its dependence on
+    // the input, so higher-order gradients are refused as the backward op refuses them.
+    TORCH_CHECK(!at::GradMode::is_enabled(), "mnist_fast: double backward of cross_entropy is not supported "
+                "(backward was called with create_graph=True); use stock torch.nn.functional for higher-order "
+                "gradients");
+    const auto unit = saved(0);
+    // loss.backward()'s own incoming grad of 1: the saved gradient is the answer. It is handed on
+    // (no copy, and AccumulateGrad then adopts it) unless the graph is kept for another backward,
+    // which must find it intact.
+    if (!per_row && !torch::autograd::get_current_graph_task_keep_graph() && is_plain_one(grads[0])) {
+      out[0] = unit;
+    } else {
+      out[0] = per_row ? unit * grads[0].unsqueeze(1) : unit * grads[0];
+    }
+    return out;
+  }
+
+  // Whether g is an ordinary CPU float or double scalar tensor holding 1 (not a fake, functional or
+  // functorch tensor, whose data cannot be read here).
+  static bool is_plain_one(const at::Tensor& g) {
+    constexpr c10::DispatchKeySet wrappers = c10::python_ks | c10::DispatchKeySet({c10::DispatchKey::Functionalize,
+                                                                                   c10::DispatchKey::FuncTorchGradWrapper,
+                                                                                   c10::DispatchKey::FuncTorchBatched});
+    if (g.dim() != 0 || !g.is_cpu() || g.layout() != at::kStrided || g.is_neg() || g.key_set().has_any(wrappers) ||
+        !g.has_storage()) {
+      return false;
+    }
+    if (g.scalar_type() == at::kFloat) return *static_cast<const float*>(g.const_data_ptr()) == 1.0f;
+    if (g.scalar_type() == at::kDouble) return *static_cast<const double*>(g.const_data_ptr()) == 1.0;
+    return false;
   }
 };
 
@@ -239,11 +285,27 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_autograd(const at::Tens
     at::AutoDispatchBelowADInplaceOrView guard;
     return cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing);
   }
+  const at::Tensor w = weight.value_or(at::Tensor());
+  // Only the input needs a gradient (the training loop's case): on the CPU, forward and backward in
+  // one pass over the logits while they are in cache. bfloat16 and float16 take the two-op path,
+  // whose gradient is rounded once, from float.
+  const auto dtype = input.scalar_type();
+  if (input.requires_grad() && input.device().is_cpu() && (dtype == at::kFloat || dtype == at::kDouble) &&
+      !(target.defined() && target.requires_grad()) && !(w.defined() && w.requires_grad())) {
+    auto [loss, stats, unit_grad] = [&] {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      return cross_entropy_forward_backward(input, target, weight, reduction, ignore_index, label_smoothing);
+    }();
+    auto node = c10::make_intrusive<CrossEntropyScaleBackward>();
+    attach(node, {input}, loss);
+    node->save(unit_grad);  // no history: not differentiable
+    node->per_row = reduction == row_math::kNone;
+    return {loss, stats};
+  }
   auto [loss, stats] = [&] {
     at::AutoDispatchBelowADInplaceOrView guard;
     return cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing);
   }();
-  const at::Tensor w = weight.value_or(at::Tensor());
   auto node = c10::make_intrusive<CrossEntropyBackward>();
   attach(node, {input, target, w}, loss);
   node->save(input);
@@ -275,6 +337,16 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_autograd(
   at::AutoDispatchBelowADInplaceOrView guard;
   return cross_entropy_backward(grad_loss, input, target, weight, logsumexp, reduction, ignore_index,
                                 label_smoothing, output_mask);
+}
+
+// The autograd kernel's own path, which returns the gradient: differentiating through it (a
+// functorch transform over torch.func.grad / jacrev, say) asks for a higher-order derivative.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward_autograd(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
+    int64_t ignore_index, double label_smoothing) {
+  forbid_double_backward("cross_entropy", input, target, weight.value_or(at::Tensor()));
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return cross_entropy_forward_backward(input, target, weight, reduction, ignore_index, label_smoothing);
 }
 
 // ---- the optimizer ops (train_step_sgd, train_epoch_sgd) ----
@@ -352,6 +424,7 @@ TORCH_LIBRARY_IMPL(mnist_fast, Autograd, m) {
   m.impl("cross_entropy_forward", TORCH_FN(cross_entropy_forward_autograd));
   m.impl("_linear_relu_backward", TORCH_FN(linear_relu_backward_autograd));
   m.impl("_cross_entropy_backward", TORCH_FN(cross_entropy_backward_autograd));
+  m.impl("_cross_entropy_forward_backward", TORCH_FN(cross_entropy_forward_backward_autograd));
 }
 
 }  // namespace mnist_fast

@@ -50,6 +50,23 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_impl(const at::Tensor& 
   return {loss, stats};
 }
 
+// Returns (loss, stats, the gradient of the loss with respect to input for an incoming grad of 1,
+// per row for reduction 'none'). Backend has forward_backward(call, loss, stats, &grad_input).
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward_impl(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
+    int64_t ignore_index, double label_smoothing) {
+  const auto kind = check_cross_entropy_args(input, target, weight, reduction, ignore_index, label_smoothing);
+  const c10::OptionalDeviceGuard guard(input.device());
+  const CrossEntropyCall call{input.contiguous(), target, kind, weight, reduction, ignore_index, label_smoothing};
+  const int64_t rows = input.size(0);
+  auto loss = reduction == row_math::kNone ? at::empty({rows}, input.options()) : at::empty({}, input.options());
+  auto stats = at::empty({rows, row_math::kRowStats}, input.options().dtype(logsumexp_dtype(input.scalar_type())));
+  auto grad_input = at::empty_like(call.input);
+  Backend::forward_backward(call, loss, stats, &grad_input);
+  return {loss, stats, grad_input};
+}
+
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_impl(const at::Tensor& grad_loss, const at::Tensor& input,
                                                                const at::Tensor& target,

@@ -38,6 +38,12 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_backward(const at::Tensor& grad
                                                           int64_t ignore_index, double label_smoothing,
                                                           std::array<bool, 2> output_mask);
 
+// cross_entropy_forward plus the gradient of its loss with respect to input for an incoming grad of
+// 1 (of every row, for reduction 'none'), in one pass: (loss, logsumexp, grad_input). CPU only.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
+    int64_t ignore_index, double label_smoothing);
+
 // The loss alone: cross_entropy_forward(...)[0].
 at::Tensor cross_entropy(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                          int64_t reduction, int64_t ignore_index, double label_smoothing);

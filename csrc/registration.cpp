@@ -47,6 +47,13 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_backward(const at::Tensor& grad
                  output_mask);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
+    int64_t ignore_index, double label_smoothing) {
+  MNIST_FAST_OP("_cross_entropy_forward_backward", decltype(cross_entropy_forward_backward));
+  return op.call(input, target, weight, reduction, ignore_index, label_smoothing);
+}
+
 at::Tensor cross_entropy(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                          int64_t reduction, int64_t ignore_index, double label_smoothing) {
   return std::get<0>(cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing));
@@ -82,6 +89,11 @@ TORCH_LIBRARY(mnist_fast, m) {
   m.def(
       "_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor logsumexp,"
       " int reduction, int ignore_index, float label_smoothing, bool[2] output_mask) -> (Tensor, Tensor)");
+  // cross_entropy_forward and the input's gradient for an incoming grad of 1, in one pass (CPU; the
+  // autograd kernel of cross_entropy_forward uses it when only the input needs a gradient).
+  m.def(
+      "_cross_entropy_forward_backward(Tensor input, Tensor target, Tensor? weight, int reduction, int ignore_index,"
+      " float label_smoothing) -> (Tensor, Tensor, Tensor)");
   // The loss alone, for users of torch.ops; decomposes into cross_entropy_forward.
   m.def(
       "cross_entropy(Tensor input, Tensor target, Tensor? weight, int reduction, int ignore_index,"

@@ -191,6 +191,12 @@ def _cross_entropy_forward_fake(input, target, weight, reduction, ignore_index, 
     return loss, lse
 
 
+@torch.library.register_fake("mnist_fast::_cross_entropy_forward_backward")
+def _cross_entropy_forward_backward_fake(input, target, weight, reduction, ignore_index, label_smoothing):
+    loss, lse = _cross_entropy_forward_fake(input, target, weight, reduction, ignore_index, label_smoothing)
+    return loss, lse, torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("mnist_fast::_cross_entropy_backward")
 def _cross_entropy_backward_fake(
     grad_loss, input, target, weight, logsumexp, reduction, ignore_index, label_smoothing, output_mask

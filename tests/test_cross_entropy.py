@@ -197,6 +197,72 @@ def test_opcheck(device):
     opcheck(op._cross_entropy_backward.default, (torch.rand_like(loss), xd, t, w, lse, 0, IGNORE, 0.1, [True, False]))
 
 
+# ---- the CPU one-pass path: forward and the input's gradient together (_cross_entropy_forward_backward) ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows,classes", [(64, 10), (13, 10), (9, 1), (37, 32), (21, 33), (5, 1000)])
+@pytest.mark.parametrize("reduction,weighted,smoothing", OPTION_GRID)
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_one_pass_gradient_is_the_backward_ops(dtype, rows, classes, reduction, weighted, smoothing, probabilities):
+    """The one-pass op gives the forward op's loss and stats bit for bit, and the backward op's
+    gradient for an incoming grad of ones, for short rows (vectorized across rows, reusing the
+    forward's exps) and long rows alike."""
+    x = torch.randn(rows, classes, dtype=dtype) * 3
+    t = prob_target((rows, classes), dtype, "cpu") if probabilities else index_target((rows,), classes, "cpu", True)
+    w = torch.rand(classes, dtype=dtype) + 0.5 if weighted else None
+    code = {"none": 0, "mean": 1, "sum": 2}[reduction]
+    loss, stats, grad = op._cross_entropy_forward_backward(x, t, w, code, IGNORE, smoothing)
+    ref_loss, ref_stats = op.cross_entropy_forward(x, t, w, code, IGNORE, smoothing)
+    (ref_grad, _) = op._cross_entropy_backward(torch.ones_like(ref_loss), x, t, w, ref_stats, code, IGNORE,
+                                               smoothing, [True, False])
+    assert torch.equal(loss, ref_loss) and torch.equal(stats, ref_stats)
+    torch.testing.assert_close(grad, ref_grad, **TOL[dtype])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_one_pass_gradient_is_scaled_by_the_incoming_grad(reduction):
+    """The saved gradient is for an incoming grad of 1: any other (a scaled loss, per-row grads, a
+    retained graph run twice) is applied at backward, as stock's gradient."""
+    x = torch.randn(9, 10, dtype=torch.float64, requires_grad=True)
+    t = index_target((9,), 10, "cpu", ignore_some=True)
+    kw = dict(reduction=reduction, label_smoothing=0.1, weight=torch.rand(10, dtype=torch.float64) + 0.5)
+    v = torch.randn(9, dtype=torch.float64) if reduction == "none" else torch.tensor(2.5, dtype=torch.float64)
+    ours = MF.cross_entropy(x, t, **kw)
+    ref = F.cross_entropy(x, t, **kw)
+    for _ in range(2):  # retained, then freed: both backward passes scale the saved gradient afresh
+        (g,) = torch.autograd.grad(ours, x, v, retain_graph=True)
+        torch.testing.assert_close(g, torch.autograd.grad(ref, x, v, retain_graph=True)[0])
+    if reduction != "none":  # loss.backward()'s grad of 1 hands the saved gradient on, once
+        ours.backward()
+        torch.testing.assert_close(x.grad, torch.autograd.grad(ref, x)[0])
+
+
+def test_one_pass_path_saves_less_than_stock():
+    """Only the unit gradient is saved (the input's size), not the logits and the row stats: less
+    than stock's log-softmax output and target."""
+    def saved_bytes(fn):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        x = torch.randn(64, 10, requires_grad=True)
+        y = torch.randint(0, 10, (64,))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(x * 1.0, y)  # logits that are not a leaf, as a model's output
+        return sum(seen.values())
+    assert saved_bytes(MF.cross_entropy) < saved_bytes(F.cross_entropy)
+
+
+def test_opcheck_one_pass():
+    x = torch.randn(7, 5)
+    t = index_target((7,), 5, "cpu", ignore_some=True)
+    p = prob_target((7, 5), torch.float32, "cpu")
+    w = torch.rand(5)
+    for args in [(x, t, w, 1, IGNORE, 0.1), (x, t, None, 0, IGNORE, 0.0), (x, p, w, 2, IGNORE, 0.2)]:
+        opcheck(op._cross_entropy_forward_backward.default, args)
+
+
 def test_double_backward_raises_clearly(device):
     x = torch.randn(3, 4, dtype=torch.float64, device=device, requires_grad=True)
     t = torch.tensor([0, 1, 3], device=device)
@@ -283,9 +349,18 @@ def test_backward_node_follows_autograd_rules():
     torch.testing.assert_close(x.grad, 2 * first)
     with pytest.raises(RuntimeError, match="freed|second time"):
         loss.backward()
-    # an in-place change of the saved logits is caught, as for stock ops
+    # Only the input needs a grad: the gradient is computed in the forward and the logits are not
+    # saved, so an in-place change of them afterwards leaves the gradient that of the forward's
+    # values (as stock, whose log_softmax saves its output, not its input).
     z = x.detach().clone().requires_grad_()
     w = z * 1.0
+    loss = MF.cross_entropy(w, y)
+    with torch.no_grad():
+        w.add_(1)
+    loss.backward()
+    torch.testing.assert_close(z.grad, torch.autograd.grad(F.cross_entropy(x, y), x)[0])
+    # The two-op path (here bfloat16) saves the logits: an in-place change of them is caught.
+    w = (z * 1.0).bfloat16()
     loss = MF.cross_entropy(w, y)
     with torch.no_grad():
         w.add_(1)

@@ -90,15 +90,22 @@ struct Rows {
   }
 };
 
+// The forward; with grad_input defined, also the input's gradient for an incoming grad of 1 (per
+// row for reduction 'none').
 template <typename scalar_t>
-void run_forward(const CrossEntropyCall& c, at::Tensor& loss, at::Tensor& stats) {
+void run_forward(const CrossEntropyCall& c, at::Tensor& loss, at::Tensor& stats, at::Tensor* grad_input = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   Rows<scalar_t> r(c);
   auto& a = r.args;
   const int64_t rows = c.input.size(0), reduction = c.reduction;
   a.stats = stats.data_ptr<double>();
   a.loss_rows = reduction == kNone ? loss.data_ptr<scalar_t>() : nullptr;
-  const auto& kernel = cpu::kernels<scalar_t>().cross_entropy_forward;
+  if (grad_input) {
+    a.grad_input = grad_input->data_ptr<scalar_t>();
+    a.grad_scalar = acc_t(1);
+  }
+  const auto& kernel =
+      grad_input ? cpu::kernels<scalar_t>().cross_entropy_forward_backward : cpu::kernels<scalar_t>().cross_entropy_forward;
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   std::vector<acc_t> partial(2 * blocks, acc_t(0));  // per block: sum of nll (or row loss), sum of smooth
   if (a.classes == 0) {  // no logits: every row's terms are 0 (class-index rows are all ignored)
@@ -129,13 +136,19 @@ void run_forward(const CrossEntropyCall& c, at::Tensor& loss, at::Tensor& stats)
 // The backend of cross_entropy_impl.h.
 struct CpuCrossEntropy {
   static void forward(const CrossEntropyCall& c, at::Tensor& loss, at::Tensor& stats) {
+    forward_backward(c, loss, stats, nullptr);
+  }
+
+  // grad_input: null for the forward alone.
+  static void forward_backward(const CrossEntropyCall& c, at::Tensor& loss, at::Tensor& stats,
+                               at::Tensor* grad_input) {
     // Stock's result for an empty batch, without per-class buffers (the class count may be huge).
     if (c.input.size(0) == 0) {
       loss.fill_(c.reduction == kMean ? std::numeric_limits<double>::quiet_NaN() : 0.0);
       return;
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.input.scalar_type(), "cross_entropy_forward_cpu",
-                                    [&] { run_forward<scalar_t>(c, loss, stats); });
+                                    [&] { run_forward<scalar_t>(c, loss, stats, grad_input); });
   }
 
   static void backward(const CrossEntropyCall& c, const at::Tensor& grad_loss, const at::Tensor& stats,
@@ -166,6 +179,7 @@ struct CpuCrossEntropy {
 TORCH_LIBRARY_IMPL(mnist_fast, CPU, m) {
   m.impl("cross_entropy_forward", TORCH_FN(cross_entropy_forward_impl<CpuCrossEntropy>));
   m.impl("_cross_entropy_backward", TORCH_FN(cross_entropy_backward_impl<CpuCrossEntropy>));
+  m.impl("_cross_entropy_forward_backward", TORCH_FN(cross_entropy_forward_backward_impl<CpuCrossEntropy>));
 }
 
 }  // namespace mnist_fast

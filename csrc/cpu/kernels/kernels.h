@@ -67,6 +67,10 @@ struct Kernels {
   void (*cross_entropy_forward)(const CrossEntropyArgs<scalar_t>& args, int64_t first, int64_t last, acc_t* sums);
   // Rows [first, last) of grad_input and/or grad_target.
   void (*cross_entropy_backward)(const CrossEntropyArgs<scalar_t>& args, int64_t first, int64_t last);
+  // Both at once, for rows [first, last) (the autograd kernel's path when only the input needs a grad;
+  // args carry an incoming grad of 1 per row or for the reduced loss).
+  void (*cross_entropy_forward_backward)(const CrossEntropyArgs<scalar_t>& args, int64_t first, int64_t last,
+                                         acc_t* sums);
   // out[i, j] = relu(out[i, j] + bias[j]) (bias may be null; no ReLU when relu is false) on rows x cols.
   void (*bias_relu)(scalar_t* out, const scalar_t* bias, int64_t rows, int64_t cols, bool relu);
   // grad_pre = grad * (output > 0) on columns [c0, c0 + width) (width <= kMaskColumns), and, when

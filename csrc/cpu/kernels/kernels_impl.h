@@ -218,21 +218,40 @@ struct CrossEntropyKernels {
     void set_column(int64_t c, const V& value) { value.store(v[c]); }
   };
 
-  // Row stats of a block, per lane: max (NaN-propagating) and log(sum(exp(x - max))).
-  static void block_stats(const Block& x, int64_t classes, V& row_max, V& log_sum) {
-    row_max = x.column(0);
-    for (int64_t c = 1; c < classes; ++c) row_max = at::vec::maximum(row_max, x.column(c));
-    V s(0);
-    for (int64_t c = 0; c < classes; ++c) s = s + exp_nonpositive(x.column(c) - row_max);
-    log_sum = s.log();
+  // Row stats of a block, per lane: max (NaN-propagating), the sum s of exp(x - max) and log(s);
+  // the exps themselves go to *exps when it is given.
+  static void block_stats(const Block& x, int64_t classes, V& row_max, V& sum, V& log_sum, Block* exps = nullptr) {
+    // Two chains of maxima and of sums: one would wait on each add's latency, class after class.
+    V m0 = x.column(0), m1 = x.column(classes > 1 ? 1 : 0);
+    for (int64_t c = 2; c + 1 < classes; c += 2) {
+      m0 = at::vec::maximum(m0, x.column(c));
+      m1 = at::vec::maximum(m1, x.column(c + 1));
+    }
+    if (classes > 2 && classes % 2) m0 = at::vec::maximum(m0, x.column(classes - 1));
+    row_max = at::vec::maximum(m0, m1);
+    V s0(0), s1(0);
+    for (int64_t c = 0; c < classes; ++c) {
+      const V e = exp_nonpositive(x.column(c) - row_max);
+      if (exps) exps->set_column(c, e);
+      if (c % 2) s1 = s1 + e;
+      else s0 = s0 + e;
+    }
+    sum = s0 + s1;
+    log_sum = sum.log();
   }
 
   static void forward_short(const Args& a, int64_t r0, int64_t n, acc_t* sums) {
-    const int64_t C = a.classes;
     Block x;
-    x.load_rows(a.input + r0 * C, n, C);
-    V m, ls;
-    block_stats(x, C, m, ls);
+    x.load_rows(a.input + r0 * a.classes, n, a.classes);
+    V m, s, ls;
+    block_stats(x, a.classes, m, s, ls);
+    forward_short_terms(a, r0, n, x, m, ls, sums);
+  }
+
+  // forward_short after the block's stats: saves them, and adds the rows' loss terms to sums.
+  static void forward_short_terms(const Args& a, int64_t r0, int64_t n, const Block& x, const V& m, const V& ls,
+                                  acc_t* sums) {
+    const int64_t C = a.classes;
     alignas(64) acc_t mx[L], lsum[L], term[L];
     m.store(mx);
     ls.store(lsum);
@@ -243,6 +262,8 @@ struct CrossEntropyKernels {
         for (int64_t c = 0; c < C; ++c) smooth = smooth + V(weight(a, c)) * neg_log_prob(x.column(c), m, ls);
       }
       smooth.store(term);
+      // (the running sums in registers: through the pointer, each row's add waited for the last one's store)
+      acc_t nll_sum = sums[0], smooth_sum = sums[1];
       for (int64_t r = 0; r < n; ++r) {
         const int64_t y = a.target[r0 + r];
         acc_t nll = 0, sm = 0;
@@ -251,9 +272,11 @@ struct CrossEntropyKernels {
           sm = a.opts.smoothing ? term[r] : acc_t(0);
         }
         if (a.loss_rows) a.loss_rows[r0 + r] = static_cast<scalar_t>(index_row_loss(nll, sm, a.opts));
-        sums[0] += nll;
-        sums[1] += sm;
+        nll_sum += nll;
+        smooth_sum += sm;
       }
+      sums[0] = nll_sum;
+      sums[1] = smooth_sum;
     } else {
       Block t;
       t.load_rows(a.probs + r0 * C, n, C);
@@ -263,47 +286,69 @@ struct CrossEntropyKernels {
         loss = loss + prob_loss_term(neg_log_prob(x.column(c), m, ls), wt);
       }
       loss.store(term);
+      acc_t loss_sum = sums[0];
       for (int64_t r = 0; r < n; ++r) {
         if (a.loss_rows) a.loss_rows[r0 + r] = static_cast<scalar_t>(term[r]);
-        sums[0] += term[r];
+        loss_sum += term[r];
+      }
+      sums[0] = loss_sum;
+    }
+  }
+
+  // The per-row gradient scales of class-index rows [r0, r0 + n), one lane per row: filled before
+  // the block's other work, so that by the time they are read as vectors the scalar stores have
+  // retired (a vector load right after them waits for every one).
+  struct IndexRowScales {
+    alignas(64) acc_t a[L] = {}, b[L] = {}, scale[L] = {}, cls[L];
+    IndexRowScales(const Args& args, int64_t r0, int64_t n) {
+      for (int64_t r = 0; r < L; ++r) cls[r] = acc_t(-1);
+      const acc_t mean = mean_grad(args);
+      for (int64_t r = 0; r < n; ++r) {
+        const auto s = index_scales(args, r0 + r, mean);
+        a[r] = s.a;
+        b[r] = s.b;
+        scale[r] = index_grad_row_scale(args.weight_total, s);
+        if (args.target[r0 + r] != args.ignore_index) cls[r] = static_cast<acc_t>(args.target[r0 + r]);
       }
     }
+  };
+
+  // The gradient rows [r0, r0 + n) of class-index targets, from the block's probabilities prob(c)
+  // (class c's column).
+  template <typename Probs>
+  static void index_grad_short(const Args& a, int64_t r0, int64_t n, const IndexRowScales& rs, const Probs& prob) {
+    const int64_t C = a.classes;
+    const V g = V::loadu(rs.scale), va = V::loadu(rs.a), vb = V::loadu(rs.b), y = V::loadu(rs.cls);
+    Block out;
+    for (int64_t c = 0; c < C; ++c) {
+      // (the class weight only enters with smoothing: not read otherwise)
+      const V grad = index_grad_class(prob(c), g, vb, a.opts.smoothing ? V(weight(a, c)) : V(0), a.opts.smoothing);
+      out.set_column(c, V::blendv(grad, grad - va, y == V(static_cast<acc_t>(c))));
+    }
+    out.store_rows(a.grad_input + r0 * C, n, C);
   }
 
   static void backward_short(const Args& a, int64_t r0, int64_t n) {
     const int64_t C = a.classes;
-    Block x;
-    x.load_rows(a.input + r0 * C, n, C);
-    alignas(64) acc_t mx[L] = {}, lsum[L] = {}, ga[L] = {}, gb[L] = {}, scale[L] = {}, cls[L];
-    for (int64_t r = 0; r < L; ++r) cls[r] = acc_t(-1);
-    const acc_t mean = a.target ? mean_grad(a) : acc_t(0);
+    alignas(64) acc_t mx[L] = {}, lsum[L] = {}, scale[L] = {};
     for (int64_t r = 0; r < n; ++r) {
       const SavedRowStats<acc_t> st(a.stats + kRowStats * (r0 + r));
       mx[r] = st.max;
       lsum[r] = st.log_sum;
-      if (a.target) {
-        const auto s = index_scales(a, r0 + r, mean);
-        ga[r] = s.a;
-        gb[r] = s.b;
-        scale[r] = index_grad_row_scale(a.weight_total, s);
-        if (a.target[r0 + r] != a.ignore_index) cls[r] = static_cast<acc_t>(a.target[r0 + r]);
-      } else {
-        scale[r] = prob_grad_scale(grad_of_row(a, r0 + r), a.rows, a.reduction);
-      }
     }
-    const V m = V::loadu(mx), ls = V::loadu(lsum), g = V::loadu(scale);
     if (a.target) {
-      const V va = V::loadu(ga), vb = V::loadu(gb), y = V::loadu(cls);
-      Block out;
-      for (int64_t c = 0; c < C; ++c) {
-        const V p = softmax_of(x.column(c), m, ls);
-        // (the class weight only enters with smoothing: not read otherwise)
-        const V grad = index_grad_class(p, g, vb, a.opts.smoothing ? V(weight(a, c)) : V(0), a.opts.smoothing);
-        out.set_column(c, V::blendv(grad, grad - va, y == V(static_cast<acc_t>(c))));
-      }
-      out.store_rows(a.grad_input + r0 * C, n, C);
+      const IndexRowScales rs(a, r0, n);
+      Block x;
+      x.load_rows(a.input + r0 * C, n, C);
+      const V m = V::loadu(mx), ls = V::loadu(lsum);
+      index_grad_short(a, r0, n, rs, [&](int64_t c) { return softmax_of(x.column(c), m, ls); });
       return;
     }
+    Block x;
+    x.load_rows(a.input + r0 * C, n, C);
+    const V m = V::loadu(mx), ls = V::loadu(lsum);
+    for (int64_t r = 0; r < n; ++r) scale[r] = prob_grad_scale(grad_of_row(a, r0 + r), a.rows, a.reduction);
+    const V g = V::loadu(scale);
     Block t, out;
     t.load_rows(a.probs + r0 * C, n, C);
     if (a.grad_input) {
@@ -431,6 +476,35 @@ struct CrossEntropyKernels {
     }
   }
 
+  // forward, then backward of the same rows while they are in cache (class-index targets with short
+  // rows reuse the forward's exps: p = exp(x - max) / s).
+  static void forward_backward(const Args& a, int64_t first, int64_t last, acc_t* sums) {
+    sums[0] = sums[1] = acc_t(0);
+    if (a.classes > kShortRow) {
+      for (int64_t i = first; i < last; ++i) {
+        forward_long(a, i, sums);
+        backward_long(a, i);
+      }
+      return;
+    }
+    for (int64_t r0 = first; r0 < last; r0 += L) {
+      const int64_t n = std::min(L, last - r0);
+      if (!a.target) {
+        forward_short(a, r0, n, sums);
+        backward_short(a, r0, n);
+        continue;
+      }
+      const IndexRowScales rs(a, r0, n);
+      Block x, e;
+      x.load_rows(a.input + r0 * a.classes, n, a.classes);
+      V m, s, ls;
+      block_stats(x, a.classes, m, s, ls, &e);
+      forward_short_terms(a, r0, n, x, m, ls, sums);
+      const V inv_sum = V(1) / s;
+      index_grad_short(a, r0, n, rs, [&](int64_t c) { return e.column(c) * inv_sum; });
+    }
+  }
+
   static void backward(const Args& a, int64_t first, int64_t last) {
     if (a.classes <= kShortRow) {
       for (int64_t r0 = first; r0 < last; r0 += L) backward_short(a, r0, std::min(L, last - r0));
@@ -544,8 +618,9 @@ void sgd(scalar_t* p, const scalar_t* g, scalar_t* buf, int64_t n, const SgdOpti
 
 template <typename scalar_t>
 Kernels<scalar_t> make_kernels() {
-  return {&CrossEntropyKernels<scalar_t>::forward, &CrossEntropyKernels<scalar_t>::backward, &bias_relu<scalar_t>,
-          &mask_grad<scalar_t>, &sgd<scalar_t>};
+  return {&CrossEntropyKernels<scalar_t>::forward, &CrossEntropyKernels<scalar_t>::backward,
+          &CrossEntropyKernels<scalar_t>::forward_backward, &bias_relu<scalar_t>, &mask_grad<scalar_t>,
+          &sgd<scalar_t>};
 }
 
 const KernelTable& table() {
