@@ -1,8 +1,9 @@
 // A whole MLP as one op, the same on every backend: argument checks, the device guard, the GEMMs
-// through ATen (MKL/oneDNN, cuBLAS), the optional final log-softmax through ATen, and the order of
-// the passes. Each backend registers these kernels with the two it writes by hand, the ones
-// linear_relu uses: the bias+ReLU epilogue of a GEMM and the ReLU-mask pass that also reduces the
-// bias grad (fused_mlp_forward_impl<cpu::bias_relu_inplace>, fused_mlp_backward_impl<cpu::mask_grad>).
+// through ATen (MKL/oneDNN, cuBLAS) and the order of the passes. Each backend registers these
+// kernels with the passes it writes by hand: the two linear_relu uses, the bias+ReLU epilogue of a
+// GEMM and the ReLU-mask pass that also reduces the bias grad, and the final log-softmax forward
+// and backward (ATen's, aten_log_softmax_*, where a backend has none of its own), e.g.
+// fused_mlp_forward_impl<cpu::bias_relu_inplace, cpu::log_softmax_inplace>.
 //
 // Layers l = 0..L-1, A_{-1} = input (as a (rows, in_features) matrix):
 //   hidden  A_l = relu(A_{l-1} W_l^T + b_l)          for l < L-1 (saved for backward)
@@ -108,10 +109,20 @@ inline void check_fused_mlp_backward_args(const at::Tensor& grad_output, const a
   }
 }
 
+// ---- ATen's log-softmax, for backends without their own ----
+
+inline void aten_log_softmax_inplace(at::Tensor& z) {
+  z = at::_log_softmax(z, 1, /*half_to_float=*/false);
+}
+
+inline at::Tensor aten_log_softmax_backward(const at::Tensor& grad_output, const at::Tensor& output) {
+  return at::_log_softmax_backward_data(grad_output.contiguous(), output, 1, output.scalar_type());
+}
+
 // ---- forward ----
 
 // Returns (output, hidden activations).
-template <auto bias_relu_inplace>
+template <auto bias_relu_inplace, auto log_softmax_inplace>
 std::tuple<at::Tensor, std::vector<at::Tensor>> fused_mlp_forward_impl(const at::Tensor& input,
                                                                       at::TensorList weights,
                                                                       const OptionalTensorList& biases,
@@ -131,7 +142,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_mlp_forward_impl(const at:
   }
   const at::Tensor b = bias_of(biases, layers - 1);
   at::Tensor out = b.defined() ? at::addmm(b, a, weights.back().t()) : at::mm(a, weights.back().t());
-  if (log_softmax) out = at::_log_softmax(out, 1, /*half_to_float=*/false);
+  if (log_softmax) log_softmax_inplace(out);
   auto shape = input.sizes().vec();
   shape.back() = weights.back().size(0);
   return {out.view(shape), std::move(hidden)};
@@ -141,7 +152,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_mlp_forward_impl(const at:
 
 // mask_grad(grad, activation, grad_pre, grad_bias): grad_pre = grad * (activation > 0), and its
 // column sums into grad_bias when that is defined (linear_relu's backward pass).
-template <auto mask_grad>
+template <auto mask_grad, auto log_softmax_backward>
 std::tuple<at::Tensor, OptionalTensorList, OptionalTensorList> fused_mlp_backward_impl(
     const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights, at::TensorList hidden,
     const std::optional<at::Tensor>& output, const c10::List<bool>& output_mask) {
@@ -168,7 +179,7 @@ std::tuple<at::Tensor, OptionalTensorList, OptionalTensorList> fused_mlp_backwar
   // dZ of the last layer: dY (any strides, mm and sum take them), or through the log-softmax.
   at::Tensor dz = as_matrix(grad_output);
   if (output.has_value() && output->defined()) {
-    dz = at::_log_softmax_backward_data(dz.contiguous(), as_matrix(*output), 1, output->scalar_type());
+    dz = log_softmax_backward(dz, as_matrix(*output).contiguous());
   }
   if (wants_bias(layers - 1)) grad_biases.set(layers - 1, at::sum(dz, 0));
   for (size_t l = layers; l-- > first;) {

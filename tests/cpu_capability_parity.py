@@ -75,6 +75,28 @@ def linear_relu_cases():
             close(a, c, dtype, what + " grad")
 
 
+def log_softmax_cases():
+    """fused_mlp's final log-softmax, forward and backward: one layer from a single input feature,
+    whose bias puts -inf in the first class of every row, and a NaN row."""
+    for dtype, (rows, features) in itertools.product(DTYPES, SHAPES):
+        what = f"fused_mlp log_softmax {dtype} [{rows},{features}]"
+        x = torch.randn(rows, 1).to(dtype)
+        if rows > 2:
+            x[2] = float("nan")
+        w, b = (torch.randn(features, 1) * 8).to(dtype), torch.randn(features).to(dtype)
+        if features > 1:
+            b[0] = float("-inf")
+        for t in (x, w, b):
+            t.requires_grad_()
+        ours, ref = MF.fused_mlp(x, [w], [b], log_softmax=True), F.log_softmax(F.linear(x, w, b), dim=1)
+        close(ours, ref, dtype, what)
+        g = torch.randn_like(ref)
+        # (the grads of w and b: x's, a sum over the classes of terms that sum to about 0, would
+        # mostly measure the cancellation)
+        for a, c in zip(torch.autograd.grad(ours, (w, b), g), torch.autograd.grad(ref, (w, b), g)):
+            close(a, c, dtype, what + " grad")
+
+
 def train_step_cases():
     configs = [dict(lr=0.05), dict(lr=0.05, momentum=0.9, weight_decay=1e-2),
                dict(lr=0.05, momentum=0.9, nesterov=True), dict(lr=0.05, momentum=0.9, dampening=0.3)]
@@ -107,8 +129,9 @@ def main(expected):
     assert in_use == expected, f"kernels in use: {in_use}, expected {expected}"
     cross_entropy_cases()
     linear_relu_cases()
+    log_softmax_cases()
     train_step_cases()
-    print(f"cpu kernels '{in_use}': cross_entropy, linear_relu and train step match stock")
+    print(f"cpu kernels '{in_use}': cross_entropy, linear_relu, log_softmax and train step match stock")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def check_parity(x, weights, biases, log_softmax, dtype, grad=None):
         torch.testing.assert_close(a, r, **TOL[dtype])
 
 
-SIZES = [(7, 5), (7, 9, 5), (12, 8, 6, 4), (784, 128, 64, 10)]
+SIZES = [(7, 5), (7, 9, 5), (12, 8, 6, 4), (784, 128, 64, 10), (9, 40)]  # (9, 40): log_softmax along the row
 
 
 @pytest.mark.parametrize("sizes", SIZES, ids=str)

@@ -8,8 +8,10 @@
 namespace mnist_fast {
 
 TORCH_LIBRARY_IMPL(mnist_fast, CUDA, m) {
-  m.impl("fused_mlp_forward", TORCH_FN(fused_mlp_forward_impl<cuda::bias_relu_inplace>));
-  m.impl("_fused_mlp_backward", TORCH_FN(fused_mlp_backward_impl<cuda::mask_grad>));
+  constexpr auto forward = &fused_mlp_forward_impl<cuda::bias_relu_inplace, aten_log_softmax_inplace>;
+  constexpr auto backward = &fused_mlp_backward_impl<cuda::mask_grad, aten_log_softmax_backward>;
+  m.impl("fused_mlp_forward", TORCH_FN(forward));
+  m.impl("_fused_mlp_backward", TORCH_FN(backward));
 }
 
 }  // namespace mnist_fast

@@ -71,6 +71,12 @@ struct Kernels {
   // args carry an incoming grad of 1 per row or for the reduced loss).
   void (*cross_entropy_forward_backward)(const CrossEntropyArgs<scalar_t>& args, int64_t first, int64_t last,
                                          acc_t* sums);
+  // out = log_softmax(x) over each row of a contiguous (rows, cols) matrix; out may be x.
+  void (*log_softmax)(const scalar_t* x, scalar_t* out, int64_t rows, int64_t cols);
+  // grad_x = grad - exp(out) * (the row sum of grad), log_softmax's backward from its output out;
+  // everything contiguous (rows, cols); grad_x may be grad.
+  void (*log_softmax_backward)(const scalar_t* grad, const scalar_t* out, scalar_t* grad_x, int64_t rows,
+                               int64_t cols);
   // out[i, j] = relu(out[i, j] + bias[j]) (bias may be null; no ReLU when relu is false) on rows x cols.
   void (*bias_relu)(scalar_t* out, const scalar_t* bias, int64_t rows, int64_t cols, bool relu);
   // grad_pre = grad * (output > 0) on columns [c0, c0 + width) (width <= kMaskColumns), and, when

@@ -369,9 +369,8 @@ struct CrossEntropyKernels {
   }
 
   // -- long rows: one row at a time, vectorized along the row --
-  static void forward_long(const Args& a, int64_t i, acc_t* sums) {
-    const int64_t C = a.classes;
-    const scalar_t* x = a.input + i * C;
+  // A row's max (NaN-propagating) and log(sum(exp(x - max))), vectorized along the row.
+  static void row_stats_long(const scalar_t* x, int64_t C, acc_t& row_max, acc_t& log_sum) {
     constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
     // Four accumulators each for the max and the sum: one would chain every vector's max or add
     // to the previous one's latency.
@@ -388,8 +387,16 @@ struct CrossEntropyKernels {
       for (int k = 0; k < 4; ++k) vs[k] = vs[k] + exp_nonpositive(load<acc_t>(x + c0 + k * L, L) - m);
     }
     for (; c0 < C; c0 += L) vs[0] = vs[0] + exp_nonpositive(load<acc_t>(x + c0, std::min(L, C - c0), kNegInf) - m);
-    const acc_t lsum = std::log(lane_sum((vs[0] + vs[1]) + (vs[2] + vs[3])));
-    const V ls(lsum);
+    row_max = mx;
+    log_sum = std::log(lane_sum((vs[0] + vs[1]) + (vs[2] + vs[3])));
+  }
+
+  static void forward_long(const Args& a, int64_t i, acc_t* sums) {
+    const int64_t C = a.classes;
+    const scalar_t* x = a.input + i * C;
+    acc_t mx, lsum;
+    row_stats_long(x, C, mx, lsum);
+    const V m(mx), ls(lsum);
     save_row_stats(a.stats + kRowStats * i, mx, lsum);
     if (a.target) {
       const int64_t y = a.target[i];
@@ -512,6 +519,64 @@ struct CrossEntropyKernels {
       for (int64_t i = first; i < last; ++i) backward_long(a, i);
     }
   }
+
+  // -- log_softmax over the rows (fused_mlp's final layer): the same row stats as the loss --
+
+  static void log_softmax(const scalar_t* x, scalar_t* out, int64_t rows, int64_t C) {
+    if (C <= kShortRow) {
+      for (int64_t r0 = 0; r0 < rows; r0 += L) {
+        const int64_t n = std::min(L, rows - r0);
+        Block b;
+        b.load_rows(x + r0 * C, n, C);
+        V m, s, ls;
+        block_stats(b, C, m, s, ls);
+        for (int64_t c = 0; c < C; ++c) b.set_column(c, neg_log_prob(b.column(c), m, ls).neg());
+        b.store_rows(out + r0 * C, n, C);
+      }
+      return;
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      acc_t mx, lsum;
+      row_stats_long(x + i * C, C, mx, lsum);
+      const V m(mx), ls(lsum);
+      for (int64_t c0 = 0; c0 < C; c0 += L) {
+        const int64_t n = std::min(L, C - c0);
+        store(out + i * C + c0, neg_log_prob(load<acc_t>(x + i * C + c0, n), m, ls).neg(), n);
+      }
+    }
+  }
+
+  // grad_x = grad - exp(out) * sum(grad) per row, from log_softmax's output (grad_x may be grad).
+  static void log_softmax_backward(const scalar_t* grad, const scalar_t* out, scalar_t* grad_x, int64_t rows,
+                                   int64_t C) {
+    if (C <= kShortRow) {
+      for (int64_t r0 = 0; r0 < rows; r0 += L) {
+        const int64_t n = std::min(L, rows - r0);
+        Block g, y;
+        g.load_rows(grad + r0 * C, n, C);
+        y.load_rows(out + r0 * C, n, C);
+        V total(0);
+        for (int64_t c = 0; c < C; ++c) total = total + g.column(c);
+        for (int64_t c = 0; c < C; ++c) g.set_column(c, g.column(c) - exp_nonpositive(y.column(c)) * total);
+        g.store_rows(grad_x + r0 * C, n, C);
+      }
+      return;
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      const scalar_t* gi = grad + i * C;
+      V part(0);
+      for (int64_t c0 = 0; c0 < C; c0 += L) {
+        const int64_t n = std::min(L, C - c0);
+        part = part + first_lanes(load<acc_t>(gi + c0, n), n);
+      }
+      const V total(lane_sum(part));
+      for (int64_t c0 = 0; c0 < C; c0 += L) {
+        const int64_t n = std::min(L, C - c0);
+        store(grad_x + i * C + c0,
+              load<acc_t>(gi + c0, n) - exp_nonpositive(load<acc_t>(out + i * C + c0, n)) * total, n);
+      }
+    }
+  }
 };
 
 // ---- linear_relu passes ----
@@ -619,7 +684,8 @@ void sgd(scalar_t* p, const scalar_t* g, scalar_t* buf, int64_t n, const SgdOpti
 template <typename scalar_t>
 Kernels<scalar_t> make_kernels() {
   return {&CrossEntropyKernels<scalar_t>::forward, &CrossEntropyKernels<scalar_t>::backward,
-          &CrossEntropyKernels<scalar_t>::forward_backward, &bias_relu<scalar_t>, &mask_grad<scalar_t>,
+          &CrossEntropyKernels<scalar_t>::forward_backward, &CrossEntropyKernels<scalar_t>::log_softmax,
+          &CrossEntropyKernels<scalar_t>::log_softmax_backward, &bias_relu<scalar_t>, &mask_grad<scalar_t>,
           &sgd<scalar_t>};
 }
 
