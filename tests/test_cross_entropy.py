@@ -235,6 +235,15 @@ def test_one_pass_gradient_is_scaled_by_the_incoming_grad(reduction):
     if reduction != "none":  # loss.backward()'s grad of 1 hands the saved gradient on, once
         ours.backward()
         torch.testing.assert_close(x.grad, torch.autograd.grad(ref, x)[0])
+    # With the graph retained, what backward hands on is a copy: a hook that scribbles on it in place
+    # leaves the next backward's gradient intact.
+    z = x.detach().requires_grad_()
+    loss = MF.cross_entropy(z, t, **kw).sum()
+    handle = z.register_hook(lambda g: g.zero_())
+    loss.backward(retain_graph=True)
+    handle.remove()
+    (g,) = torch.autograd.grad(loss, z)
+    torch.testing.assert_close(g, torch.autograd.grad(F.cross_entropy(x, t, **kw).sum(), x)[0])
 
 
 def test_one_pass_path_saves_less_than_stock():
