@@ -265,7 +265,9 @@ EPOCH_TARGETS = {"vs_jax_1": 1.25, "vs_jax_2": 1.25, "scaling_2": 1.6, "vs_stock
 def measure_epochs(args, say) -> List[dict]:
     """Epoch times (medians of interleaved rounds) of every contender of benchmarks/epoch.py, for each
     thread count and batch size, each in a child process: the thread count is per process, and a
-    2-thread run must be free to use every core (the report itself may be pinned to one)."""
+    2-thread run must be free to use every core (the report itself may be pinned to one). A 1-thread
+    child is pinned to one core: unpinned, the process clock would also count the other contenders'
+    helper threads (XLA's) running on the second core."""
     import tempfile
 
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "epoch.py")
@@ -280,9 +282,9 @@ def measure_epochs(args, say) -> List[dict]:
                        "--clock", "process" if threads == 1 else "wall"]
                 if args.jax_python:
                     cmd += ["--jax-python", args.jax_python]
-                cpus = set(range(os.cpu_count() or 1)) if threads > 1 else None
+                cpus = set(range(os.cpu_count() or 1)) if threads > 1 else {min(os.sched_getaffinity(0))}
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
-                               preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+                               preexec_fn=lambda: os.sched_setaffinity(0, cpus))
                 with open(path) as f:
                     data = json.load(f)
             medians = {name: statistics.median(t) for name, t in data["times_s"].items()}
