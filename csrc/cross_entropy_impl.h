@@ -6,7 +6,10 @@
 //   static void backward(const CrossEntropyCall&, const at::Tensor& grad_loss, const at::Tensor& stats,
 //                        at::Tensor& grad_input, at::Tensor& grad_target);
 // filling the outputs allocated here (backward is called only when a gradient is asked for; an
-// undefined grad_input or grad_target is not asked for).
+// undefined grad_input or grad_target is not asked for). A backend that registers
+// cross_entropy_forward_backward_impl<Backend> (the CPU) also has
+//   static void forward_backward(const CrossEntropyCall&, at::Tensor& loss, at::Tensor& stats,
+//                                at::Tensor* grad_input);
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -33,12 +36,12 @@ struct CrossEntropyCall {
   double label_smoothing;
 };
 
-// Returns (loss, the per-row stats that backward reads).
-template <typename Backend>
-std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_impl(const at::Tensor& input, const at::Tensor& target,
-                                                              const std::optional<at::Tensor>& weight,
-                                                              int64_t reduction, int64_t ignore_index,
-                                                              double label_smoothing) {
+// The forward ops' common part: checks, guard, a contiguous input, the loss and stats outputs, and,
+// kWithGrad, the input's gradient for an incoming grad of 1 (per row for reduction 'none').
+template <typename Backend, bool kWithGrad>
+auto cross_entropy_forward_outputs(const at::Tensor& input, const at::Tensor& target,
+                                   const std::optional<at::Tensor>& weight, int64_t reduction, int64_t ignore_index,
+                                   double label_smoothing) {
   const auto kind = check_cross_entropy_args(input, target, weight, reduction, ignore_index, label_smoothing);
   // After the checks, so that an input on the wrong device gets their message.
   const c10::OptionalDeviceGuard guard(input.device());
@@ -46,8 +49,23 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_impl(const at::Tensor& 
   const int64_t rows = input.size(0);
   auto loss = reduction == row_math::kNone ? at::empty({rows}, input.options()) : at::empty({}, input.options());
   auto stats = at::empty({rows, row_math::kRowStats}, input.options().dtype(logsumexp_dtype(input.scalar_type())));
-  Backend::forward(call, loss, stats);
-  return {loss, stats};
+  if constexpr (kWithGrad) {
+    auto grad_input = at::empty_like(call.input);
+    Backend::forward_backward(call, loss, stats, &grad_input);
+    return std::tuple<at::Tensor, at::Tensor, at::Tensor>{loss, stats, grad_input};
+  } else {
+    Backend::forward(call, loss, stats);
+    return std::tuple<at::Tensor, at::Tensor>{loss, stats};
+  }
+}
+
+// Returns (loss, the per-row stats that backward reads).
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_impl(const at::Tensor& input, const at::Tensor& target,
+                                                              const std::optional<at::Tensor>& weight,
+                                                              int64_t reduction, int64_t ignore_index,
+                                                              double label_smoothing) {
+  return cross_entropy_forward_outputs<Backend, false>(input, target, weight, reduction, ignore_index, label_smoothing);
 }
 
 // Returns (loss, stats, the gradient of the loss with respect to input for an incoming grad of 1,
@@ -56,15 +74,7 @@ template <typename Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward_impl(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
     int64_t ignore_index, double label_smoothing) {
-  const auto kind = check_cross_entropy_args(input, target, weight, reduction, ignore_index, label_smoothing);
-  const c10::OptionalDeviceGuard guard(input.device());
-  const CrossEntropyCall call{input.contiguous(), target, kind, weight, reduction, ignore_index, label_smoothing};
-  const int64_t rows = input.size(0);
-  auto loss = reduction == row_math::kNone ? at::empty({rows}, input.options()) : at::empty({}, input.options());
-  auto stats = at::empty({rows, row_math::kRowStats}, input.options().dtype(logsumexp_dtype(input.scalar_type())));
-  auto grad_input = at::empty_like(call.input);
-  Backend::forward_backward(call, loss, stats, &grad_input);
-  return {loss, stats, grad_input};
+  return cross_entropy_forward_outputs<Backend, true>(input, target, weight, reduction, ignore_index, label_smoothing);
 }
 
 template <typename Backend>
