@@ -101,6 +101,14 @@ struct CrossEntropyBackward : public SavedTensorsNode {
   }
 };
 
+// The error of a derivative asked of a backward while it records a graph (create_graph=True):
+// see forbid_double_backward.
+void check_no_double_backward(bool recording, const char* op) {
+  TORCH_CHECK(!recording, "mnist_fast: double backward of ", op,
+              " is not supported (backward was called with create_graph=True); use stock "
+              "torch.nn.functional for higher-order gradients");
+}
+
 // The node of the CPU path that computes the input's gradient in the forward
 // (_cross_entropy_forward_backward): that gradient is for an incoming grad of 1, so backward only
 // scales it, with no second pass over the logits. Saves the gradient (input's shape) instead of the
@@ -115,9 +123,7 @@ struct CrossEntropyScaleBackward : public SavedTensorsNode {
     if (!grads[0].defined() || !task_should_compute_output(0)) return out;
     // The saved gradient is a constant here: a graph of this product would miss its dependence on
     // the input, so higher-order gradients are refused as the backward op refuses them.
-    TORCH_CHECK(!at::GradMode::is_enabled(), "mnist_fast: double backward of cross_entropy is not supported "
-                "(backward was called with create_graph=True); use stock torch.nn.functional for higher-order "
-                "gradients");
+    check_no_double_backward(at::GradMode::is_enabled(), "cross_entropy");
     const auto unit = saved(0);
     // loss.backward()'s own incoming grad of 1: the saved gradient is the answer. It is handed on
     // (no copy, and AccumulateGrad then adopts it) unless the graph is kept for another backward,
@@ -183,9 +189,7 @@ std::optional<at::Tensor> optional_of(const at::Tensor& t) {
 // silently be wrong.
 template <typename... Tensors>
 void forbid_double_backward(const char* op, const Tensors&... tensors) {
-  TORCH_CHECK(!records_graph(tensors...), "mnist_fast: double backward of ", op,
-              " is not supported (backward was called with create_graph=True); use stock "
-              "torch.nn.functional for higher-order gradients");
+  check_no_double_backward(records_graph(tensors...), op);
   TORCH_CHECK(!has_tangent(tensors...), "mnist_fast: forward-mode AD through the backward of ", op,
               " (forward-over-reverse, as in torch.func.hessian or jacfwd(jacrev(f))) is not supported; use "
               "stock torch.nn.functional for higher-order derivatives");
