@@ -5,6 +5,11 @@ contender in the same process, interleaved round by round, medians.
 
 Rows (one epoch: draw the shuffle, gather every batch, train on it):
   stock eager       nn.Sequential + nn.CrossEntropyLoss + torch.optim.SGD over data.Batches (--backend stock)
+  torch.compile     the same, as PyTorch's recipes compile it: the model's forward with its loss in
+                    one torch.compile'd function (its backward compiled by AOTAutograd) and
+                    opt.step under torch.compile too (Inductor's C++ code for the SGD update); the
+                    last, smaller batch is a second graph, compiled in the warm-up (--no-compile
+                    skips the row: compiling takes a minute or so)
   fused-step loop   FusedTrainer.step over data.Batches (--backend fused-step before fit_epoch)
   fit_epoch         FusedTrainer.fit_epoch, 100 steps per call (what --backend fused-step runs now)
   fit_epoch 1 call  FusedTrainer.fit_epoch, the whole epoch in one call
@@ -135,7 +140,7 @@ class JaxWorker:
 # ----------------------------------------------------------------------------------------------
 # torch
 
-def torch_contenders(images, labels, batch):
+def torch_contenders(images, labels, batch, compile=True):
     import torch
     from torch import nn
 
@@ -168,6 +173,23 @@ def torch_contenders(images, labels, batch):
             loss.backward()
             opt.step()
 
+    def compiled_epochs():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), *stock_mlp())
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+        forward_loss = torch.compile(lambda x, y: loss_fn(model(x), y), dynamic=False)
+        # opt.step reads lr and momentum as Python floats: compiled once, they are constants
+        optimizer_step = torch.compile(optimizer.step, dynamic=False)
+        next_epoch = epochs()
+
+        def compiled_epoch():
+            for x, y in next_epoch():
+                loss = forward_loss(x, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer_step()
+        return compiled_epoch
+
     def trainer_epochs(run):
         torch.manual_seed(0)
         trainer = FusedTrainer(MNISTNet(), lr=LR, momentum=MOMENTUM)
@@ -197,6 +219,7 @@ def torch_contenders(images, labels, batch):
 
     return {
         "stock eager": stock_epoch,
+        **({"torch.compile": compiled_epochs()} if compile else {}),
         "fused-step loop": trainer_epochs(loop),
         "fit_epoch": trainer_epochs(fit(100)),
         "fit_epoch 1 call": trainer_epochs(fit(None)),
@@ -237,6 +260,7 @@ def main(argv=None):
     parser.add_argument("--jax-python", default=None,
                         help="a Python with jax installed, for the JAX row when jax is not importable here")
     parser.add_argument("--no-jax", action="store_true")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile row")
     parser.add_argument("--out-json", default=None)
     parser.add_argument("--jax-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -249,7 +273,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     images, labels, raw, what = load_data(args.samples)
-    fns = torch_contenders(images, labels, args.batch)
+    fns = torch_contenders(images, labels, args.batch, compile=not args.no_compile)
 
     jax = None
     if not args.no_jax:

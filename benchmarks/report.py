@@ -282,6 +282,8 @@ def measure_epochs(args, say) -> List[dict]:
                        "--clock", "process" if threads == 1 else "wall"]
                 if args.jax_python:
                     cmd += ["--jax-python", args.jax_python]
+                if args.no_compile:
+                    cmd.append("--no-compile")
                 cpus = set(range(os.cpu_count() or 1)) if threads > 1 else {min(os.sched_getaffinity(0))}
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
                                preexec_fn=lambda: os.sched_setaffinity(0, cpus))

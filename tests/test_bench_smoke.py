@@ -52,14 +52,27 @@ def test_report_quick_writes_json_and_png(tmp_path, capsys):
 def test_report_epochs_only(tmp_path, capsys):
     out_json = tmp_path / "epochs.json"
     report.main(["--epochs-only", "--silent", "--epoch-threads", "1,2", "--epoch-batches", "64", "--epoch-rounds", "1",
-                 "--epoch-samples", "128", "--out-json", str(out_json)])
+                 "--epoch-samples", "128", "--no-compile", "--out-json", str(out_json)])
     table = capsys.readouterr().out
     result = json.loads(out_json.read_text())
     assert result["rows"] == [] and "All comparisons" not in table and "whole epochs only" in table
     assert [(e["threads"], e["batch"]) for e in result["epochs"]] == [(1, 64), (2, 64)]
     assert all(e["median_s"]["compute ceiling"] > 0 for e in result["epochs"])
+    assert all("torch.compile" not in e["median_s"] for e in result["epochs"])
     (scaling,) = [t for t in result["targets"] if "2 threads >=" in t["target"]]
     assert "the compute ceiling scaled" in scaling["value"]
+
+
+@pytest.mark.slow
+def test_report_epochs_have_a_torch_compile_row(tmp_path, capsys):
+    # 130 samples at batch 64: two full batches and a smaller last one (a second compiled graph)
+    out_json = tmp_path / "epochs.json"
+    report.main(["--epochs-only", "--silent", "--epoch-threads", "1", "--epoch-batches", "64", "--epoch-rounds", "1",
+                 "--epoch-samples", "130", "--out-json", str(out_json)])
+    table = capsys.readouterr().out
+    (epoch,) = json.loads(out_json.read_text())["epochs"]
+    assert epoch["median_s"]["torch.compile"] > 0 and epoch["steps"] == 3
+    assert "torch.compile" in table.split("Whole epochs")[1]
 
 
 def test_report_rejects_unknown_dtype():
