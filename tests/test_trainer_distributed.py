@@ -3,7 +3,6 @@ between the fused backward and the update, so every rank ends with the same para
 process stepping on the two ranks' batches concatenated (within float32 rounding); and the training
 CLI under torchrun with --backend fused-step, SGD and Adam."""
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,12 +23,6 @@ CONFIGS = {"sgd": dict(lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True),
            "adam": dict(optimizer="adam", lr=1e-2, weight_decay=1e-3)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _model(seed):
     torch.manual_seed(seed)
     return models.stock_mlp((20, 12, 8, 4))
@@ -47,9 +40,11 @@ def _batch(images, labels, step, rank):
     return images[start:start + ROWS], labels[start:start + ROWS]
 
 
-def _worker(rank, port, out):
+def _worker(rank, store, out):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    # A file rendezvous: a TCP one needs a free port picked before the ranks bind it, a race that
+    # another process can win (gloo then aborts the rank).
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         for optimizer, config in CONFIGS.items():
             model = _model(seed=rank)  # other initial weights on rank 1: the trainer broadcasts rank 0's
@@ -73,7 +68,7 @@ def _worker(rank, port, out):
 def two_ranks(tmp_path_factory):
     """What each rank saved, per optimizer: one spawn of 2 processes for all (they take ~30 s to start)."""
     out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(out / "rendezvous"), str(out)), nprocs=WORLD, join=True)
     return {optimizer: [torch.load(out / f"{optimizer}{r}.pt") for r in range(WORLD)] for optimizer in CONFIGS}
 
 
