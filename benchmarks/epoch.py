@@ -9,7 +9,7 @@ Rows (one epoch: draw the shuffle, gather every batch, train on it):
                     one torch.compile'd function (its backward compiled by AOTAutograd) and
                     opt.step under torch.compile too (Inductor's C++ code for the SGD update); the
                     last, smaller batch is a second graph, compiled in the warm-up (--no-compile
-                    skips the row: compiling takes a minute or so)
+                    skips the row: compiling takes ~20 s on this project's 2-CPU VMs)
   fused-step loop   FusedTrainer.step over data.Batches (--backend fused-step before fit_epoch)
   fit_epoch         FusedTrainer.fit_epoch, 100 steps per call (what --backend fused-step runs now)
   fit_epoch 1 call  FusedTrainer.fit_epoch, the whole epoch in one call
@@ -160,35 +160,26 @@ def torch_contenders(images, labels, batch, compile=True):
             return batches
         return next_epoch
 
-    torch.manual_seed(0)  # the initial weights of the MNISTNet of trainer_epochs
-    stock = nn.Sequential(nn.Flatten(), *stock_mlp())
-    opt = torch.optim.SGD(stock.parameters(), lr=LR, momentum=MOMENTUM)
     loss_fn = nn.CrossEntropyLoss()
-    stock_epochs = epochs()
 
-    def stock_epoch():
-        for x, y in stock_epochs():
-            loss = loss_fn(stock(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-    def compiled_epochs():
-        torch.manual_seed(0)
+    def stock_epochs(compiled):
+        torch.manual_seed(0)  # the initial weights of the MNISTNet of trainer_epochs
         model = nn.Sequential(nn.Flatten(), *stock_mlp())
         optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-        forward_loss = torch.compile(lambda x, y: loss_fn(model(x), y), dynamic=False)
-        # opt.step reads lr and momentum as Python floats: compiled once, they are constants
-        optimizer_step = torch.compile(optimizer.step, dynamic=False)
+        forward_loss, optimizer_step = (lambda x, y: loss_fn(model(x), y)), optimizer.step
+        if compiled:
+            forward_loss = torch.compile(forward_loss, dynamic=False)
+            # opt.step reads lr and momentum as Python floats: compiled once, they are constants
+            optimizer_step = torch.compile(optimizer_step, dynamic=False)
         next_epoch = epochs()
 
-        def compiled_epoch():
+        def epoch():
             for x, y in next_epoch():
                 loss = forward_loss(x, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer_step()
-        return compiled_epoch
+        return epoch
 
     def trainer_epochs(run):
         torch.manual_seed(0)
@@ -218,8 +209,8 @@ def torch_contenders(images, labels, batch, compile=True):
             torch.mm(a, b, out=c)
 
     return {
-        "stock eager": stock_epoch,
-        **({"torch.compile": compiled_epochs()} if compile else {}),
+        "stock eager": stock_epochs(compiled=False),
+        **({"torch.compile": stock_epochs(compiled=True)} if compile else {}),
         "fused-step loop": trainer_epochs(loop),
         "fit_epoch": trainer_epochs(fit(100)),
         "fit_epoch 1 call": trainer_epochs(fit(None)),
