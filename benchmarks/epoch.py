@@ -24,6 +24,12 @@ Rows (one epoch: draw the shuffle, gather every batch, train on it):
                     runs one epoch per round, so it is interleaved with the others too; XLA is
                     held to one thread with --threads 1 and left to its default, every core, else)
 
+Denormals: XLA computes on the CPU with denormal floats flushed to zero (FTZ/DAZ), PyTorch with
+IEEE denormals unless torch.set_flush_denormal(True). They matter here: the momentum buffers of
+ReLU units that stopped firing decay into denormals (0.9 * b, stuck at the smallest one), and each
+vector op on them takes a microcode assist. --flush-denormal runs every torch contender in XLA's
+mode, for a like-for-like JAX row; without it they run in PyTorch's default.
+
 Data: real MNIST when mnist_fast.data finds it (no download), else 60000 synthetic images.
 Clock: 'process' (default) is the CPU time of the whole process (time.process_time): with
 --threads 1 it is the thread time of the one torch thread, and it also counts XLA's worker
@@ -252,6 +258,8 @@ def main(argv=None):
                         help="a Python with jax installed, for the JAX row when jax is not importable here")
     parser.add_argument("--no-jax", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile row")
+    parser.add_argument("--flush-denormal", action="store_true",
+                        help="torch.set_flush_denormal(True) for the torch contenders (XLA's mode: see above)")
     parser.add_argument("--out-json", default=None)
     parser.add_argument("--jax-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -261,7 +269,9 @@ def main(argv=None):
     import numpy as np
     import torch
 
-    if args.threads:
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        parser.error("--flush-denormal: this CPU cannot flush denormals")
+    if args.threads:  # (after the mode: the intra-op threads start in it)
         torch.set_num_threads(args.threads)
     images, labels, raw, what = load_data(args.samples)
     fns = torch_contenders(images, labels, args.batch, compile=not args.no_compile)
@@ -303,7 +313,8 @@ def main(argv=None):
     medians = {name: statistics.median(t) for name, t in times.items()}
     print(f"\n{images.shape[0]} samples ({what}), batch {args.batch}, {steps} steps, "
           f"{torch.get_num_threads()} torch thread(s), {args.rounds} interleaved rounds, {args.clock} clock, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, load {os.getloadavg()[0]:.1f}\n")
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"torch's denormals {'flushed' if args.flush_denormal else 'IEEE'} (JAX's flushed), load {os.getloadavg()[0]:.1f}\n")
     base = medians["fused-step loop"]
     print(f"| contender | epoch (median) | min..max | per step | vs fused-step loop |")
     print(f"|---|---:|---:|---:|---:|")

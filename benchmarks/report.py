@@ -259,6 +259,8 @@ def run_report(args) -> dict:
 
 # benchmarks/epoch.py's contenders, by the names it prints.
 EPOCH_OURS, EPOCH_STOCK, EPOCH_JAX, EPOCH_CEILING = "fit_epoch", "stock eager", "JAX lax.scan", "compute ceiling"
+# benchmarks/epoch.py's floating-point modes for the torch contenders (JAX's is always XLA's: flushed).
+DENORMAL_MODES = {"ieee": "torch with IEEE denormals (its default)", "flush": "torch with denormals flushed (as XLA)"}
 EPOCH_TARGETS = {"vs_jax_1": 1.25, "vs_jax_2": 1.25, "scaling_2": 1.6, "vs_stock_large": 1.3}
 
 
@@ -272,27 +274,31 @@ def measure_epochs(args, say) -> List[dict]:
 
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "epoch.py")
     out = []
-    for threads in args.epoch_threads:
-        for batch in args.epoch_batches:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "epoch.json")
-                cmd = [sys.executable, script, "--threads", str(threads), "--batch", str(batch),
-                       "--rounds", str(args.epoch_rounds), "--samples", str(args.epoch_samples), "--out-json", path,
-                       # one thread: process CPU time (steady on a shared machine); more: wall time
-                       "--clock", "process" if threads == 1 else "wall"]
-                if args.jax_python:
-                    cmd += ["--jax-python", args.jax_python]
-                if args.no_compile:
-                    cmd.append("--no-compile")
-                cpus = set(range(os.cpu_count() or 1)) if threads > 1 else {min(os.sched_getaffinity(0))}
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
-                               preexec_fn=lambda: os.sched_setaffinity(0, cpus))
-                with open(path) as f:
-                    data = json.load(f)
-            medians = {name: statistics.median(t) for name, t in data["times_s"].items()}
-            out.append({"threads": threads, "batch": batch, "steps": data["steps"], "data": data["data"],
-                        "clock": data["config"]["clock"], "median_s": medians})
-            say(f"  {threads} thread(s), batch {batch}: " + ", ".join(f"{k} {v:.3f} s" for k, v in medians.items()))
+    for threads, batch, denormals in [(t, b, d) for d in args.epoch_denormals for t in args.epoch_threads
+                                      for b in args.epoch_batches]:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "epoch.json")
+            cmd = [sys.executable, script, "--threads", str(threads), "--batch", str(batch),
+                   "--rounds", str(args.epoch_rounds), "--samples", str(args.epoch_samples), "--out-json", path,
+                   # one thread: process CPU time (steady on a shared machine); more: wall time
+                   "--clock", "process" if threads == 1 else "wall"]
+            if args.jax_python:
+                cmd += ["--jax-python", args.jax_python]
+            if args.no_compile:
+                cmd.append("--no-compile")
+            if denormals == "flush":
+                cmd.append("--flush-denormal")
+            cpus = set(range(os.cpu_count() or 1)) if threads > 1 else {min(os.sched_getaffinity(0))}
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
+                           preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+            with open(path) as f:
+                data = json.load(f)
+        medians = {name: statistics.median(t) for name, t in data["times_s"].items()}
+        ran = "flush" if data["config"]["flush_denormal"] else "ieee"  # (what the child says it ran)
+        out.append({"threads": threads, "batch": batch, "denormals": ran, "steps": data["steps"],
+                    "data": data["data"], "clock": data["config"]["clock"], "median_s": medians})
+        say(f"  {threads} thread(s), batch {batch}, denormals {denormals}: "
+            + ", ".join(f"{k} {v:.3f} s" for k, v in medians.items()))
     return out
 
 
@@ -302,34 +308,36 @@ def _ratio(r: float) -> str:
 
 
 def epoch_targets(epochs: List[dict]) -> List[dict]:
-    """Issue 14's targets from the epoch runs."""
+    """Issue 14's targets from the epoch runs, for each denormal mode measured."""
     out = []
-    by = {(e["threads"], e["batch"]): e["median_s"] for e in epochs}
-    for (threads, batch), m in sorted(by.items()):
+    by = {(e.get("denormals", "ieee"), e["threads"], e["batch"]): e["median_s"] for e in epochs}
+    for (denormals, threads, batch), m in sorted(by.items()):
         ours = m.get(EPOCH_OURS)
         if ours is None:
             continue
+        mode = f", {DENORMAL_MODES[denormals]}"
         jax = m.get(EPOCH_JAX)
         if batch == 64 and threads in (1, 2) and jax:
             need = EPOCH_TARGETS[f"vs_jax_{threads}"]
-            out.append({"target": f"fit_epoch, batch 64, {threads} thread(s) >= {need:g}x faster than JAX",
+            out.append({"target": f"fit_epoch, batch 64, {threads} thread(s) >= {need:g}x faster than JAX{mode}",
                         "value": f"{_ratio(jax / ours)} ({ours:.3f} s vs {jax:.3f} s)", "met": jax / ours >= need})
-        if batch == 64 and threads == 2 and (1, 64) in by and EPOCH_OURS in by[(1, 64)]:
-            one = by[(1, 64)][EPOCH_OURS]
+        one_thread = by.get((denormals, 1, 64), {})
+        if batch == 64 and threads == 2 and EPOCH_OURS in one_thread:
+            one = one_thread[EPOCH_OURS]
             need = EPOCH_TARGETS["scaling_2"]
             # What the machine's two cores gave during these runs: large GEMMs, 1 thread / 2 threads.
-            ceiling = m.get(EPOCH_CEILING), by[(1, 64)].get(EPOCH_CEILING)
+            ceiling = m.get(EPOCH_CEILING), one_thread.get(EPOCH_CEILING)
             machine = f"; the compute ceiling scaled {ceiling[1] / ceiling[0]:.2f}x" if all(ceiling) else ""
-            out.append({"target": f"fit_epoch, batch 64: 2 threads >= {need:g}x faster than 1 thread",
+            out.append({"target": f"fit_epoch, batch 64: 2 threads >= {need:g}x faster than 1 thread{mode}",
                         "value": f"{_ratio(one / ours)} ({ours:.3f} s vs {one:.3f} s{machine})", "met": one / ours >= need})
         if batch > 64:
             stock = m.get(EPOCH_STOCK)
             if stock:
                 need = EPOCH_TARGETS["vs_stock_large"]
-                out.append({"target": f"fit_epoch, batch {batch}, {threads} thread(s) >= {need:g}x stock eager",
+                out.append({"target": f"fit_epoch, batch {batch}, {threads} thread(s) >= {need:g}x stock eager{mode}",
                             "value": _ratio(stock / ours), "met": stock / ours >= need})
             if jax:
-                out.append({"target": f"fit_epoch, batch {batch}, {threads} thread(s) not slower than JAX",
+                out.append({"target": f"fit_epoch, batch {batch}, {threads} thread(s) not slower than JAX{mode}",
                             "value": _ratio(jax / ours), "met": jax / ours >= 1.0})
     return out
 
@@ -416,14 +424,15 @@ def markdown(result: dict) -> str:
         lines += ["", "Whole epochs (`benchmarks/epoch.py`, a child process each; 1 thread: process CPU time, "
                   "more: wall time), medians in seconds; in parentheses: stock eager / contender:", ""]
         names = list(dict.fromkeys(k for e in result["epochs"] for k in e["median_s"]))
-        lines += ["| threads | batch | " + " | ".join(names) + " |", "|---:|---:|" + "---:|" * len(names)]
+        lines += ["| threads | batch | torch's denormals | " + " | ".join(names) + " |",
+                  "|---:|---:|---|" + "---:|" * len(names)]
         for e in result["epochs"]:
             stock = e["median_s"].get(EPOCH_STOCK)
             cells = []
             for k in names:
                 v = e["median_s"].get(k)
                 cells.append("" if v is None else f"{v:.3f}" + (f" ({stock / v:.2f}×)" if stock else ""))
-            lines.append(f"| {e['threads']} | {e['batch']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {e['threads']} | {e['batch']} | {e.get('denormals', 'ieee')} | " + " | ".join(cells) + " |")
     if result.get("memory"):
         lines += ["", "Memory of one float32 train step: bytes saved for backward (saved-tensor hooks, each "
                   "storage once, parameters left out) and peak bytes allocated during forward+backward, grads included (torch.profiler).",
@@ -498,6 +507,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                    help="thread counts of the whole-epoch rows (benchmarks/epoch.py; default 1,2; '' skips them)")
     p.add_argument("--epoch-batches", type=_ints, default=None, help="their batch sizes (default 64,512,1024)")
     p.add_argument("--epoch-rounds", type=int, default=None, help="their interleaved rounds (default 5)")
+    p.add_argument("--epoch-denormals", type=lambda v: [m for m in v.split(",") if m], default=None,
+                   help="their torch contenders' denormal modes, from ieee,flush (default both; JAX always "
+                        "flushes: see benchmarks/epoch.py)")
     p.add_argument("--jax-python", default=None,
                    help="a Python with jax installed, for the JAX row of the epochs (default: this one, if it has jax)")
     p.add_argument("--out-json", default=None, help="write the results as JSON here")
@@ -527,6 +539,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
         "epoch_threads": [] if quick else [1, 2],
         "epoch_batches": [64, 512, 1024],
         "epoch_rounds": 5,
+        "epoch_denormals": ["ieee"] if quick else ["ieee", "flush"],
         "epoch_samples": 2048 if quick else 60000,
         "pipeline_samples": 256 if quick else 60000,
         "epoch_repeats": 1 if quick else 7,
@@ -539,6 +552,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     for d in args.dtypes:
         if d not in DTYPES:
             p.error(f"unknown dtype {d!r}; expected some of {','.join(DTYPES)}")
+    for m in args.epoch_denormals:
+        if m not in DENORMAL_MODES:
+            p.error(f"unknown denormal mode {m!r}; expected some of {','.join(DENORMAL_MODES)}")
     if args.clock == "thread" and args.threads != 1:
         p.error("--clock thread counts the calling thread only: use it with --threads 1")
     if args.repeats < 1:

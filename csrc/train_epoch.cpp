@@ -49,18 +49,38 @@ at::Tensor epoch_targets(const at::Tensor& images, const at::Tensor& labels, con
   TORCH_CHECK_VALUE(params.size() >= 2 && params.size() % 2 == 0, kOp,
                     ": expected params [W_0, b_0, ..., W_{L-1}, b_{L-1}], got ", params.size(), " tensors");
   if (steps == 0) return labels.narrow(0, 0, 0);
+  const int64_t classes = params.back().size(0);
+  auto bad_target = [&](int64_t at_, int64_t target, int64_t sample) {
+    TORCH_CHECK_INDEX(false, kOp, ": Target ", target, " is out of bounds for ", classes, " classes (sample ", sample,
+                      ", step ", at_ / batch_size, ").");
+  };
+  if (order.is_cpu()) {  // one pass, no tensor op per check (a chunk of 100 steps: ~5 us instead of ~50)
+    const at::Tensor index = order.contiguous(), all_labels = labels.contiguous();
+    at::Tensor targets = at::empty({index.size(0)}, labels.options());
+    const int64_t* idx = index.const_data_ptr<int64_t>();
+    const int64_t* y = all_labels.const_data_ptr<int64_t>();
+    int64_t* out = targets.data_ptr<int64_t>();
+    const int64_t n = images.size(0);
+    for (int64_t i = 0; i < index.size(0); ++i) {
+      TORCH_CHECK_INDEX(idx[i] >= 0 && idx[i] < n, kOp, ": order holds index ", idx[i], ", out of range for ", n,
+                        " samples");
+    }
+    for (int64_t i = 0; i < index.size(0); ++i) {
+      out[i] = y[idx[i]];
+      if (out[i] != ignore_index && (out[i] < 0 || out[i] >= classes)) bad_target(i, out[i], idx[i]);
+    }
+    return targets;
+  }
   // Out-of-range indices must raise here: CUDA's index_select would only trip a device assert.
   const auto [low, high] = at::aminmax(order);
   const int64_t lo = low.item<int64_t>(), hi = high.item<int64_t>();
   TORCH_CHECK_INDEX(lo >= 0 && hi < images.size(0), kOp, ": order holds index ", lo < 0 ? lo : hi,
                     ", out of range for ", images.size(0), " samples");
   const at::Tensor targets = labels.index_select(0, order);
-  const int64_t classes = params.back().size(0);
   const at::Tensor bad = targets.ne(ignore_index).logical_and_(targets.lt(0).logical_or_(targets.ge(classes)));
   if (bad.any().item<bool>()) {
     const int64_t at_ = bad.nonzero()[0][0].item<int64_t>();
-    TORCH_CHECK_INDEX(false, kOp, ": Target ", targets[at_].item<int64_t>(), " is out of bounds for ", classes,
-                      " classes (sample ", order[at_].item<int64_t>(), ", step ", at_ / batch_size, ").");
+    bad_target(at_, targets[at_].item<int64_t>(), order[at_].item<int64_t>());
   }
   return targets;
 }

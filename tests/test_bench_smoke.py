@@ -56,11 +56,15 @@ def test_report_epochs_only(tmp_path, capsys):
     table = capsys.readouterr().out
     result = json.loads(out_json.read_text())
     assert result["rows"] == [] and "All comparisons" not in table and "whole epochs only" in table
-    assert [(e["threads"], e["batch"]) for e in result["epochs"]] == [(1, 64), (2, 64)]
+    # by default in both of torch's denormal modes (JAX's is always XLA's, flushed)
+    assert [(e["denormals"], e["threads"], e["batch"]) for e in result["epochs"]] == [
+        ("ieee", 1, 64), ("ieee", 2, 64), ("flush", 1, 64), ("flush", 2, 64)]
     assert all(e["median_s"]["compute ceiling"] > 0 for e in result["epochs"])
     assert all("torch.compile" not in e["median_s"] for e in result["epochs"])
-    (scaling,) = [t for t in result["targets"] if "2 threads >=" in t["target"]]
-    assert "the compute ceiling scaled" in scaling["value"]
+    scaling = [t for t in result["targets"] if "2 threads >=" in t["target"]]
+    assert [t["target"].endswith(report.DENORMAL_MODES[m]) for t, m in zip(scaling, ["flush", "ieee"])] == [True] * 2
+    assert all("the compute ceiling scaled" in t["value"] for t in scaling)
+    assert "| 2 | 64 | flush |" in table and "| 2 | 64 | ieee |" in table
 
 
 @pytest.mark.slow
@@ -68,7 +72,7 @@ def test_report_epochs_have_a_torch_compile_row(tmp_path, capsys):
     # 130 samples at batch 64: two full batches and a smaller last one (a second compiled graph)
     out_json = tmp_path / "epochs.json"
     report.main(["--epochs-only", "--silent", "--epoch-threads", "1", "--epoch-batches", "64", "--epoch-rounds", "1",
-                 "--epoch-samples", "130", "--out-json", str(out_json)])
+                 "--epoch-denormals", "ieee", "--epoch-samples", "130", "--out-json", str(out_json)])
     table = capsys.readouterr().out
     (epoch,) = json.loads(out_json.read_text())["epochs"]
     assert epoch["median_s"]["torch.compile"] > 0 and epoch["steps"] == 3

@@ -502,3 +502,36 @@ def test_gradients_split_between_threads_match_one_thread(intra_op_threads):
     assert int(grads[2][1]) == int(grads[1][1])
     for g2, g1 in zip(grads[2][2], grads[1][2]):
         torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture
+def flush_denormal():
+    """torch.set_flush_denormal for the test (skipped where the CPU has no such mode), off after."""
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    yield torch.set_flush_denormal
+    torch.set_flush_denormal(False)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_step_computes_in_the_callers_denormal_mode_on_every_thread(intra_op_threads, flush_denormal, threads):
+    # torch.set_flush_denormal(True) (the mode JAX/XLA computes in on the CPU) holds for the whole
+    # step, on each of its threads, and so does turning it off again. Inputs of 1e-39 (a float32 denormal) make the first weight's
+    # grad dZ^T x denormal where denormals are computed, and exactly 0 where they are flushed; its
+    # rows are split between the workers.
+    torch.manual_seed(0)
+    params = [p.detach() for p in models.stock_mlp((20, 32, 10)).parameters()]
+    params[1].fill_(0.1)  # every hidden unit active (the input is ~0): no row of the grad is 0 for that
+    x, y = torch.full((64, 20), 1e-39), torch.randint(0, 10, (64,))
+    intra_op_threads(threads)
+
+    def first_weight_grad():
+        workspace = torch.ops.mnist_fast.train_step_workspace(x, params)
+        torch.ops.mnist_fast.train_step_grads(x, y, params, workspace, -100, 0.0)
+        return workspace[-len(params)]
+
+    assert (first_weight_grad() != 0).any(dim=1).all()  # IEEE: every row has its denormals (the workers exist now)
+    flush_denormal(True)
+    assert torch.equal(first_weight_grad(), torch.zeros(32, 20))
+    flush_denormal(False)
+    assert (first_weight_grad() != 0).any(dim=1).all()
