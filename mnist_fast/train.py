@@ -101,9 +101,15 @@ def _load_data(args, log) -> mnist_data.Dataset:
 def train(args: argparse.Namespace) -> TrainResult:
     """Run the training that parsed options describe (see the module docstring)."""
     env = init_distributed(args.device, args.ddp_timeout)
+    # before _train sets the thread count: torch's intra-op threads start in the calling thread's mode
+    flushing = args.flush_denormal and torch.set_flush_denormal(True)
+    if args.flush_denormal and not flushing and env.rank == 0:
+        print("note: --flush-denormal: this CPU cannot flush denormals; computing with them")
     try:
         return _train(args, env)
     finally:
+        if flushing:
+            torch.set_flush_denormal(False)
         if env.active:
             dist.destroy_process_group()
 

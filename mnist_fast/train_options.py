@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU threads (default: 1; 0: torch's choice). --backend fused-step splits each step between them "
              "(2 threads: about 1.6x on two idle cores); one is the steadiest on a shared machine, and a fixed "
              "count keeps resumed runs bit-identical")
+    add("--flush-denormal", action="store_true",
+        help="compute on the CPU with denormal floats (below 1.2e-38) flushed to zero, as JAX/XLA does "
+             "(torch.set_flush_denormal): momentum buffers of ReLU units that stopped firing decay into "
+             "denormals, which cost ~10%% of a --backend fused-step epoch; like --threads, keep it the same "
+             "for a bit-identical resume")
     add("--seed", type=_number(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED}"), default=0,
         help=f"seeds the initial weights and every epoch's shuffle, 0..{MAX_SEED} (default: 0)")
     add("--limit", type=_positive_int, default=None, metavar="N", help="train on the first N training images only")

@@ -278,3 +278,22 @@ def test_help_lists_the_new_options():
     for option in ("--weight-decay", "--label-smoothing", "--val-split", "--eval-test-every-epoch", "--output-dir",
                    "--tensorboard", "--metrics", "--ddp-timeout"):
         assert option in text
+
+
+# ----------------------------------------------------------------------------------------------
+# --flush-denormal
+
+
+def _flushes() -> bool:
+    return bool(torch.tensor(1e-39) * 1.0 == 0)  # 1e-39: a float32 denormal
+
+
+def test_flush_denormal_holds_for_the_run_only(run, monkeypatch):
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    seen = []
+    real_train = train._train
+    monkeypatch.setattr(train, "_train", lambda *a: (seen.append(_flushes()), real_train(*a))[1])
+    assert run("--epochs", "1", "--backend", "fused-step", "--flush-denormal") == 0
+    assert run("--epochs", "1") == 0
+    assert seen == [True, False] and not _flushes()  # and the caller's mode is back
