@@ -248,6 +248,19 @@ def test_op_checks_its_own_arguments():
         call(batch_size=0)
     with pytest.raises(ValueError, match="Invalid learning rate"):  # the step's own checks still apply
         call(lr=torch.tensor([0.1, -1.0], dtype=torch.float64))
+    # the order and every target of the call, before its first update
+    before = [p.clone() for p in params]
+    with pytest.raises(IndexError, match="order holds index 8, out of range for 8 samples"):
+        call(order=torch.tensor([0, 1, 2, 3, 4, 5, 6, 8]))
+    with pytest.raises(IndexError, match="order holds index -1, out of range"):
+        call(order=torch.tensor([0, 1, 2, 3, 4, 5, -1, 7]))
+    bad = labels.clone()
+    bad[5] = 10
+    with pytest.raises(IndexError, match=r"Target 10 is out of bounds for 10 classes \(sample 5, step 0\)"):
+        call(labels=bad, order=torch.arange(7, -1, -1))  # sample 5 is the 3rd of the order: step 0
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    bad[5] = -100  # ignore_index is no class, and no error
+    call(labels=bad, order=torch.arange(16)[::2] // 2)  # a strided order
     losses, correct = call()
     assert losses.shape == correct.shape == (2,)
 
