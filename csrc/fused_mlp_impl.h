@@ -186,17 +186,18 @@ std::tuple<at::Tensor, OptionalTensorList, OptionalTensorList> fused_mlp_backwar
     const at::Tensor& below = l == 0 ? x : hidden[l - 1];
     if (wants_weight(l)) grad_weights.set(l, at::mm(dz.t(), below));
     if (l == first && !(l == 0 && output_mask.get(0))) break;
-    const auto grad_below = at::mm(dz, weights[l]);
+    at::Tensor grad_below = at::mm(dz, weights[l]);
     if (l == 0) {
       grad_input = grad_below.view(input.sizes());
       break;
     }
     const at::Tensor activation = hidden[l - 1].contiguous();
-    auto grad_pre = at::empty_like(activation);
     at::Tensor grad_bias = wants_bias(l - 1) ? at::empty({activation.size(1)}, activation.options()) : at::Tensor();
-    mask_grad(grad_below, activation, grad_pre, grad_bias);
+    // In place: grad_below is this op's own, and a second (rows, features) buffer alive next to it
+    // and the saved activations made the step's peak memory 1.35x stock's at batch 1024.
+    mask_grad(grad_below, activation, grad_below, grad_bias);
     if (grad_bias.defined()) grad_biases.set(l - 1, grad_bias);
-    dz = grad_pre;
+    dz = grad_below;
   }
   return {grad_input, grad_weights, grad_biases};
 }
