@@ -248,8 +248,7 @@ def _hold_out(split: mnist_data.Split, count: int, seed: int):
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
     held = order[:count].sort().values
     kept = order[count:].sort().values
-    return (mnist_data.Split(split.images[kept], split.labels[kept]),
-            mnist_data.Split(split.images[held], split.labels[held]))
+    return split.take(kept), split.take(held)
 
 
 def _scores_text(record: dict) -> str:

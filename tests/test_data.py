@@ -181,6 +181,75 @@ def test_normalize_matches_the_lessons_transforms():
     assert data.normalize(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1.0, 1.0]
 
 
+def _anon_huge_kb(start, nbytes):
+    """kB of transparent huge pages backing [start, start + nbytes) of this process (Linux smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:  # a mapping's first line: "lo-hi perms ..."
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo < start + nbytes and start < hi
+            elif inside and head == "AnonHugePages:":
+                total += int(line.split()[1])
+    return total
+
+
+def test_host_empty_is_torch_empty_in_huge_pages():
+    big = (3000, 1, 28, 28)  # 9.4 MB: its own 2 MB-aligned mapping
+    t = data.host_empty(big)
+    assert (t.shape, t.dtype, t.device.type, t.is_contiguous()) == (big, torch.float32, "cpu", True)
+    assert t.data_ptr() % (2 << 20) == 0
+    assert t.untyped_storage().nbytes() == t.numel() * 4  # torch.save writes just the tensor's bytes
+    small = data.host_empty((10, 784), torch.float64)
+    assert (small.shape, small.dtype) == ((10, 784), torch.float64)
+    with pytest.raises(RuntimeError):
+        data.host_empty((-3000, -1000))  # torch.empty's error, even where the byte count is large
+
+
+def test_host_empty_memory_outlives_its_first_tensor():
+    import gc
+    t = data.host_empty((4000, 784))
+    t.copy_(torch.arange(t.numel(), dtype=torch.float32).view_as(t))
+    view, expected = t[3990:], t[3990:].clone()
+    del t
+    gc.collect()
+    assert torch.equal(view, expected)
+    restored = pickle.loads(pickle.dumps(view))
+    assert torch.equal(restored, expected)
+    view.share_memory_()  # what a DataLoader worker's tensors go through
+    assert view.is_shared() and torch.equal(view, expected)
+
+
+def test_host_empty_gets_huge_pages_where_the_kernel_gives_them():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read()
+    except OSError:
+        pytest.skip("no transparent huge pages on this system")
+    if "[never]" in mode:
+        pytest.skip("transparent huge pages are off on this system ([never])")
+    t = data.host_empty((16 << 20) // 4)  # 16 MB: 8 huge pages
+    t.fill_(1.0)  # first touch: the pages are faulted in now
+    assert _anon_huge_kb(t.data_ptr(), 16 << 20) >= 8 << 10  # at least half of it
+
+
+def test_normalize_of_a_large_set_is_the_same_numbers():
+    images = torch.randint(0, 256, (12000, 28, 28), dtype=torch.uint8)  # 37 MB of float32: host_empty's memory
+    got = data.normalize(images)
+    assert got.data_ptr() % (2 << 20) == 0
+    assert torch.equal(got, images.to(torch.float32).div_(255).sub_(0.5).div_(0.5))
+
+
+def test_split_take_copies_the_samples():
+    split = Split(data.normalize(torch.randint(0, 256, (3000, 28, 28), dtype=torch.uint8)).unsqueeze(1),
+                  torch.randint(0, 10, (3000,)))
+    index = torch.randperm(3000)[:2900].sort().values
+    part = split.take(index)
+    assert torch.equal(part.images, split.images[index]) and torch.equal(part.labels, split.labels[index])
+    assert part.images.data_ptr() % (2 << 20) == 0  # 9.1 MB: host_empty's memory
+
+
 # ----------------------------------------------------------------------------------------------
 # Finding and loading datasets
 
