@@ -176,7 +176,8 @@ def host_empty(shape, dtype: torch.dtype = torch.float32) -> Tensor:
     it is torch.empty). Gathering shuffled batches from a data set this large touches a new 4 KB
     page with almost every row, and each costs a TLB miss and a page walk through page tables that
     are themselves out of cache; with 2 MB pages the whole MNIST training set is 90 TLB entries.
-    A whole 1-thread MNIST epoch of FusedTrainer.fit_epoch at batch 64 is ~3% faster."""
+    Measured (FusedTrainer.fit_epoch on MNIST, the same data in both kinds of memory in one
+    process): 1.3-1.6% faster epochs on one thread at batch 64, 0.8% at 512, 0.4% on two threads."""
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     advisable = hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_PRIVATE")
