@@ -25,6 +25,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def flush_denormal():
+    """torch.set_flush_denormal for the test (skipped where the CPU has no such mode), off after."""
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    yield torch.set_flush_denormal
+    torch.set_flush_denormal(False)
+
+
 # ---- the training script (test_train.py, test_cli_*.py) ----
 
 @pytest.fixture

@@ -504,15 +504,6 @@ def test_gradients_split_between_threads_match_one_thread(intra_op_threads):
         torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-7)
 
 
-@pytest.fixture
-def flush_denormal():
-    """torch.set_flush_denormal for the test (skipped where the CPU has no such mode), off after."""
-    if not torch.set_flush_denormal(False):
-        pytest.skip("this CPU cannot flush denormals")
-    yield torch.set_flush_denormal
-    torch.set_flush_denormal(False)
-
-
 @pytest.mark.parametrize("threads", [1, 2])
 def test_step_computes_in_the_callers_denormal_mode_on_every_thread(intra_op_threads, flush_denormal, threads):
     # torch.set_flush_denormal(True) (the mode JAX/XLA computes in on the CPU) holds for the whole
