@@ -15,7 +15,7 @@ from torch import nn
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # helpers
-from helpers import TOL  # noqa: E402
+from helpers import TOL, sgd_update_mismatches  # noqa: E402
 import mnist_fast  # noqa: E402
 from mnist_fast import _C, functional as MF  # noqa: E402
 from mnist_fast.nn import fuse  # noqa: E402
@@ -122,6 +122,14 @@ def train_step_cases():
             torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{what} {k}: {m}")
 
 
+def sgd_update_cases():
+    # bit for bit as torch.optim.SGD, denormal momentum buffers included (test_sgd_update.py)
+    for sizes, rows, config in [((40, 32, 10), 16, dict(momentum=0.9)), ((37, 19, 5), 7, dict(momentum=0.5, lr=0.1)),
+                                ((37, 19, 5), 7, dict(momentum=0.9, dampening=0.3, weight_decay=1e-3))]:
+        mismatches = sgd_update_mismatches(sizes, rows, **config)
+        assert not mismatches, f"sgd update {sizes} {config}: the bits of {mismatches} differ from torch.optim.SGD's"
+
+
 def main(expected):
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -131,7 +139,8 @@ def main(expected):
     linear_relu_cases()
     log_softmax_cases()
     train_step_cases()
-    print(f"cpu kernels '{in_use}': cross_entropy, linear_relu, log_softmax and train step match stock")
+    sgd_update_cases()
+    print(f"cpu kernels '{in_use}': cross_entropy, linear_relu, log_softmax, train step and SGD update match stock")
 
 
 if __name__ == "__main__":

@@ -111,3 +111,50 @@ def assert_resume_refused(run, checkpoint, capsys, change, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert checkpoint.read_bytes() == before
+
+
+def sgd_update_mismatches(sizes, rows, momentum, dampening=0.0, weight_decay=0.0, lr=0.01, seed=0):
+    """train_step_sgd's update against torch.optim.SGD's (foreach=False), given the step's own
+    gradients (the train_step_grads op), from momentum buffers that are partly denormal (a mix of
+    small magnitudes, where k * momentum rounds to a tie, and random ones) and three dead units in
+    the first layer (gradients exactly 0): the names of the float32 parameters and buffers whose
+    bits differ (none when the update rounds as stock's does)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        params += [torch.randn(fan_out, fan_in, generator=gen) * fan_in ** -0.5, torch.randn(fan_out, generator=gen) * 0.1]
+    # dead units: relu(-1 + a tiny dot product) = 0 on every row; their weights span 2^-140..2^-40,
+    # both sides of the smallest magnitude the exact shortcut leaves unchanged (2^-60)
+    scale = torch.pow(2.0, -torch.randint(40, 141, (3, sizes[0]), generator=gen).double()).float()
+    params[0][:3], params[1][:3] = torch.randn(3, sizes[0], generator=gen) * scale, -1.0
+    x, t = torch.randn(rows, sizes[0], generator=gen), torch.randint(0, sizes[-1], (rows,), generator=gen)
+    buffers = []
+    for p in params:
+        magnitude = torch.randint(1, 2 ** 23, p.shape, generator=gen, dtype=torch.int32)
+        magnitude[torch.rand(p.shape, generator=gen) < 0.2] = 3  # 3 * 0.5 = 1.5: a tie
+        sign = torch.where(torch.rand(p.shape, generator=gen) < 0.5, 0, -2 ** 31).to(torch.int32)
+        denormal = (magnitude | sign).view(torch.float32)
+        buffers.append(torch.where(torch.rand(p.shape, generator=gen) < 0.4, denormal,
+                                   torch.randn(p.shape, generator=gen) * 0.01))
+    ops = torch.ops.mnist_fast
+    workspace = ops.train_step_workspace(x, params)
+    ops.train_step_grads(x, t, params, workspace, -100, 0.0)
+    stock = [p.clone().requires_grad_() for p in params]
+    opt = torch.optim.SGD(stock, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                          foreach=False)
+    for p, g, b in zip(stock, workspace[-len(params):], buffers):
+        p.grad = g.clone()
+        opt.state[p]["momentum_buffer"] = b.clone()
+    opt.step()
+    ours, our_buffers = [p.clone() for p in params], [b.clone() for b in buffers]
+    ops.train_step_sgd(x, t, ours, our_buffers, ops.train_step_workspace(x, ours), lr, momentum, dampening,
+                       weight_decay, False, False, -100, 0.0)
+    names = [f"{'W' if k % 2 == 0 else 'b'}{k // 2}" for k in range(len(params))]
+    mismatches = []
+    for name, a, b in zip(names, ours, stock):
+        if not torch.equal(a.view(torch.int32), b.detach().view(torch.int32)):
+            mismatches.append(name)
+    for name, a, p in zip(names, our_buffers, stock):
+        if not torch.equal(a.view(torch.int32), opt.state[p]["momentum_buffer"].view(torch.int32)):
+            mismatches.append(name + " buffer")
+    return mismatches
