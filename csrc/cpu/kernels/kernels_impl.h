@@ -16,7 +16,9 @@
 
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "kernels.h"
 
@@ -674,8 +676,9 @@ void sgd_pass(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t
 // 0) decay by `momentum` each step into denormals, and then stay at the smallest one (0.9 * 2^-149
 // rounds back up). With IEEE denormals, PyTorch's default, each vector instruction that meets one
 // takes a microcode assist of hundreds of cycles: on one core at batch 64, the ~2400 such entries of
-// MNIST's first layer after three epochs made a train step 325 us instead of 245. In those lanes the
-// pass computes the same bits without float arithmetic on a denormal:
+// MNIST's first layer after three epochs made a train step 325 us instead of 245 with denormals
+// flushed (an epoch: the same time either way with what follows). In those lanes the pass computes
+// the same bits without float arithmetic on a denormal:
 //   buf' = buf * momentum + g with g = +-0 and buf = s * k * 2^-149 (k < 2^23, its magnitude bits):
 //          s * round(k * momentum) * 2^-149, the product rounded to an integer from its exact value;
 //   param' = param - lr * buf' = param when |buf'| < 2^-100, |param| >= 2^-60 and lr < 2^15 (the
@@ -735,6 +738,21 @@ C10_ALWAYS_INLINE Vec<float> decayed_denormal(const Bits& buf_bits, const Bits& 
   return float_of(Bits::blendv(sign | magnitude, sign & g_bits, magnitude == Bits(0)));
 }
 
+// buf' and the direction param moves along, for a vector with a buffer below 2^-100 in some lane
+// (the shortcuts above; any lane they do not cover takes the float path, which is exact too).
+C10_ALWAYS_INLINE std::pair<Vec<float>, Vec<float>> tiny_buffer_update(const Vec<float>& bk, const Vec<float>& gk,
+                                                                     const Vec<float>& pk, const Vec<float>& momentum,
+                                                                     const Vec<float>& grad_scale) {
+  using V = Vec<float>;
+  const Bits b_bits = bits_of(bk), g_bits = bits_of(gk);
+  const V denormal = float_of(magnitude_below(b_bits, kFloatMinBits) & ~magnitude_below(b_bits, 1) &
+                              magnitude_below(g_bits, 1));
+  const V b = V::blendv(at::vec::fmadd(gk, grad_scale, V::blendv(bk, V(0), denormal) * momentum),
+                        decayed_denormal(b_bits, g_bits, momentum), denormal);
+  const Bits unchanged = magnitude_below(bits_of(b), kTinyBufferBits) & ~magnitude_below(bits_of(pk), kSafeParamBits);
+  return {b, V::blendv(b, V(0), float_of(unchanged))};
+}
+
 template <bool kDecay>
 void sgd_momentum_float(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ buf, int64_t n,
                         const SgdOptions<float>& o) {
@@ -748,24 +766,15 @@ void sgd_momentum_float(float* __restrict__ p, const float* __restrict__ g, floa
     V gk = load<float>(g + k, m);
     if constexpr (kDecay) gk = at::vec::fmadd(pk, decay, gk);
     const V bk = load<float>(buf + k, m);
-    V b;
-    const Bits b_bits = bits_of(bk), g_bits = bits_of(gk);
-    const Bits denormal = magnitude_below(b_bits, kFloatMinBits) & ~magnitude_below(b_bits, 1) &
-                          magnitude_below(g_bits, 1);
-    if (exact && any_lane(denormal)) {
-      const V safe = V::blendv(bk, V(0), float_of(denormal));
-      b = V::blendv(at::vec::fmadd(gk, grad_scale, safe * momentum), decayed_denormal(b_bits, g_bits, momentum),
-                    float_of(denormal));
+    V b, d;
+    // One compare per vector on the common path: only a tiny buffer can need a shortcut (a buffer
+    // made tiny by cancellation takes the float path: exact, only slower).
+    if (exact && any_lane(magnitude_below(bits_of(bk), kTinyBufferBits))) {
+      std::tie(b, d) = tiny_buffer_update(bk, gk, pk, momentum, grad_scale);
     } else {
-      b = at::vec::fmadd(gk, grad_scale, bk * momentum);
+      b = d = at::vec::fmadd(gk, grad_scale, bk * momentum);
     }
     store(buf + k, b, m);
-    V d = b;
-    if (exact) {
-      const Bits unchanged =
-          magnitude_below(bits_of(b), kTinyBufferBits) & ~magnitude_below(bits_of(pk), kSafeParamBits);
-      if (any_lane(unchanged)) d = V::blendv(b, V(0), float_of(unchanged));
-    }
     store(p + k, at::vec::fmadd(d, minus_lr, pk), m);
   }
 }
