@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--flush-denormal", action="store_true",
         help="compute on the CPU with denormal floats (below 1.2e-38) flushed to zero, as JAX/XLA does "
              "(torch.set_flush_denormal): momentum buffers of ReLU units that stopped firing decay into "
-             "denormals, which cost ~10%% of a --backend fused-step epoch; like --threads, keep it the same "
-             "for a bit-identical resume")
+             "denormals, which slow torch.optim.SGD (--backend stock and fused; --backend fused-step's update "
+             "computes them at full speed, the same bits); like --threads, keep it the same for a "
+             "bit-identical resume")
     add("--seed", type=_number(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED}"), default=0,
         help=f"seeds the initial weights and every epoch's shuffle, 0..{MAX_SEED} (default: 0)")
     add("--limit", type=_positive_int, default=None, metavar="N", help="train on the first N training images only")
