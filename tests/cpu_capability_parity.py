@@ -125,7 +125,10 @@ def train_step_cases():
 def sgd_update_cases():
     # bit for bit as torch.optim.SGD, denormal momentum buffers included (test_sgd_update.py)
     for sizes, rows, config in [((40, 32, 10), 16, dict(momentum=0.9)), ((37, 19, 5), 7, dict(momentum=0.5, lr=0.1)),
-                                ((37, 19, 5), 7, dict(momentum=0.9, dampening=0.3, weight_decay=1e-3))]:
+                                ((37, 19, 5), 7, dict(momentum=0.9, dampening=0.3, weight_decay=1e-3)),
+                                ((37, 19, 5), 7, dict(momentum=0.5, nesterov=True, cancel=True)),
+                                ((37, 19, 5), 7, dict(momentum=0.9, nesterov=True, first_step=True)),
+                                ((37, 19, 5), 7, dict(momentum=0.0, weight_decay=1e-2))]:
         mismatches = sgd_update_mismatches(sizes, rows, **config)
         assert not mismatches, f"sgd update {sizes} {config}: the bits of {mismatches} differ from torch.optim.SGD's"
 

@@ -113,12 +113,15 @@ def assert_resume_refused(run, checkpoint, capsys, change, message):
     assert checkpoint.read_bytes() == before
 
 
-def sgd_update_mismatches(sizes, rows, momentum, dampening=0.0, weight_decay=0.0, lr=0.01, seed=0):
+def sgd_update_mismatches(sizes, rows, momentum, dampening=0.0, weight_decay=0.0, lr=0.01, nesterov=False,
+                          first_step=False, cancel=False, seed=0):
     """train_step_sgd's update against torch.optim.SGD's (foreach=False), given the step's own
     gradients (the train_step_grads op), from momentum buffers that are partly denormal (a mix of
-    small magnitudes, where k * momentum rounds to a tie, and random ones) and three dead units in
-    the first layer (gradients exactly 0): the names of the float32 parameters and buffers whose
-    bits differ (none when the update rounds as stock's does)."""
+    small magnitudes, where k * momentum rounds to a tie, and random ones; none on a first step,
+    where both start from the gradient) and three dead units in the first layer (gradients exactly
+    0): the names of the float32 parameters and buffers whose bits differ (none when the update
+    rounds as stock's does). cancel (momentum 0.5, no dampening or decay): a tenth of the buffers
+    are -2 * their gradient, so that the new buffer is exactly 0 beside a large gradient."""
     gen = torch.Generator().manual_seed(seed)
     params = []
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
@@ -139,16 +142,21 @@ def sgd_update_mismatches(sizes, rows, momentum, dampening=0.0, weight_decay=0.0
     ops = torch.ops.mnist_fast
     workspace = ops.train_step_workspace(x, params)
     ops.train_step_grads(x, t, params, workspace, -100, 0.0)
+    if cancel:
+        assert momentum == 0.5 and dampening == 0 and weight_decay == 0
+        for b, g in zip(buffers, workspace[-len(params):]):
+            b.copy_(torch.where(torch.rand(b.shape, generator=gen) < 0.1, -2 * g, b))
     stock = [p.clone().requires_grad_() for p in params]
     opt = torch.optim.SGD(stock, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                          foreach=False)
+                          nesterov=nesterov, foreach=False)
     for p, g, b in zip(stock, workspace[-len(params):], buffers):
         p.grad = g.clone()
-        opt.state[p]["momentum_buffer"] = b.clone()
+        if momentum and not first_step:
+            opt.state[p]["momentum_buffer"] = b.clone()
     opt.step()
-    ours, our_buffers = [p.clone() for p in params], [b.clone() for b in buffers]
+    ours, our_buffers = [p.clone() for p in params], [b.clone() for b in buffers] if momentum else []
     ops.train_step_sgd(x, t, ours, our_buffers, ops.train_step_workspace(x, ours), lr, momentum, dampening,
-                       weight_decay, False, False, -100, 0.0)
+                       weight_decay, nesterov, first_step, -100, 0.0)
     names = [f"{'W' if k % 2 == 0 else 'b'}{k // 2}" for k in range(len(params))]
     mismatches = []
     for name, a, b in zip(names, ours, stock):

@@ -667,10 +667,10 @@ void sgd_pass(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t
 }
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// The common case, float SGD with momentum (no Nesterov, after the first step), rounded as
-// torch.optim.SGD's ATen ops round it: buf.mul_(momentum).add_(g, alpha=1 - dampening), then
-// param.add_(buf, alpha=-lr), each add_ one fused multiply-add (and g = grad.add(param,
-// alpha=weight_decay) with decay).
+// float SGD rounded as torch.optim.SGD's ATen ops round it (each add_ with alpha one fused
+// multiply-add): g = grad.add(param, alpha=weight_decay); buf = g.clone() on the first step, else
+// buf.mul_(momentum).add_(g, alpha=1 - dampening); d = g.add(buf, alpha=momentum) with Nesterov,
+// else buf (g without momentum); param.add_(d, alpha=-lr).
 //
 // Denormals. Momentum buffers of units that stopped learning (a dead ReLU: its gradient is exactly
 // 0) decay by `momentum` each step into denormals, and then stay at the smallest one (0.9 * 2^-149
@@ -681,8 +681,9 @@ void sgd_pass(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t
 // the same bits without float arithmetic on a denormal:
 //   buf' = buf * momentum + g with g = +-0 and buf = s * k * 2^-149 (k < 2^23, its magnitude bits):
 //          s * round(k * momentum) * 2^-149, the product rounded to an integer from its exact value;
-//   param' = param - lr * buf' = param when |buf'| < 2^-100, |param| >= 2^-60 and lr < 2^15 (the
-//          product is below a quarter of param's ulp), so the float path gets buf' = 0 there.
+//   param' = param - lr * d = param when |buf'| < 2^-100 (with Nesterov, g = +-0 too, so that
+//          |d| <= |buf'|), |param| >= 2^-60 and lr < 2^15 (the product is below a quarter of
+//          param's ulp), so the float path gets d = 0 there.
 // It does so when momentum is in [2^-60, 1], 1 - dampening > 0 and denormals are IEEE on this thread
 // (MXCSR without FTZ/DAZ, which torch.set_flush_denormal sets).
 using Bits = at::vec::Vectorized<int32_t>;
@@ -740,64 +741,90 @@ C10_ALWAYS_INLINE Vec<float> decayed_denormal(const Bits& buf_bits, const Bits& 
 
 // buf' and the direction param moves along, for a vector with a buffer below 2^-100 in some lane
 // (the shortcuts above; any lane they do not cover takes the float path, which is exact too).
+template <bool kNesterov>
 C10_ALWAYS_INLINE std::pair<Vec<float>, Vec<float>> tiny_buffer_update(const Vec<float>& bk, const Vec<float>& gk,
                                                                      const Vec<float>& pk, const Vec<float>& momentum,
                                                                      const Vec<float>& grad_scale) {
   using V = Vec<float>;
   const Bits b_bits = bits_of(bk), g_bits = bits_of(gk);
-  const V denormal = float_of(magnitude_below(b_bits, kFloatMinBits) & ~magnitude_below(b_bits, 1) &
-                              magnitude_below(g_bits, 1));
+  const Bits zero_grad = magnitude_below(g_bits, 1);
+  const V denormal = float_of(magnitude_below(b_bits, kFloatMinBits) & ~magnitude_below(b_bits, 1) & zero_grad);
   const V b = V::blendv(at::vec::fmadd(gk, grad_scale, V::blendv(bk, V(0), denormal) * momentum),
                         decayed_denormal(b_bits, g_bits, momentum), denormal);
-  const Bits unchanged = magnitude_below(bits_of(b), kTinyBufferBits) & ~magnitude_below(bits_of(pk), kSafeParamBits);
+  Bits unchanged = magnitude_below(bits_of(b), kTinyBufferBits) & ~magnitude_below(bits_of(pk), kSafeParamBits);
+  if constexpr (kNesterov) {
+    unchanged = unchanged & zero_grad;
+    return {b, V::blendv(at::vec::fmadd(V::blendv(b, V(0), float_of(unchanged)), momentum, gk), V(0),
+                         float_of(unchanged))};
+  }
   return {b, V::blendv(b, V(0), float_of(unchanged))};
 }
 
-template <bool kDecay>
-void sgd_momentum_float(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ buf, int64_t n,
-                        const SgdOptions<float>& o) {
+template <bool kDecay, bool kMomentum, bool kFirst, bool kNesterov>
+void sgd_float(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ buf, int64_t n,
+               const SgdOptions<float>& o) {
   using V = Vec<float>;
   constexpr int64_t L = V::size();
   const V momentum(o.momentum), grad_scale(o.one_minus_dampening), minus_lr(-o.lr), decay(o.weight_decay);
-  const bool exact = exact_denormals(o);
+  const bool exact = kMomentum && !kFirst && exact_denormals(o);
   for (int64_t k = 0; k < n; k += L) {
     const int64_t m = std::min(L, n - k);
     const V pk = load<float>(p + k, m);
     V gk = load<float>(g + k, m);
     if constexpr (kDecay) gk = at::vec::fmadd(pk, decay, gk);
-    const V bk = load<float>(buf + k, m);
-    V b, d;
-    // One compare per vector on the common path: only a tiny buffer can need a shortcut (a buffer
-    // made tiny by cancellation takes the float path: exact, only slower).
-    if (exact && any_lane(magnitude_below(bits_of(bk), kTinyBufferBits))) {
-      std::tie(b, d) = tiny_buffer_update(bk, gk, pk, momentum, grad_scale);
-    } else {
-      b = d = at::vec::fmadd(gk, grad_scale, bk * momentum);
+    V d = gk;
+    if constexpr (kMomentum) {
+      V b;
+      if constexpr (kFirst) {
+        b = gk;
+        if constexpr (kNesterov) d = at::vec::fmadd(b, momentum, gk);
+        else d = b;
+      } else {
+        const V bk = load<float>(buf + k, m);
+        // One compare per vector on the common path: only a tiny buffer can need a shortcut (one
+        // made tiny by cancellation takes the float path: exact, only slower).
+        if (exact && any_lane(magnitude_below(bits_of(bk), kTinyBufferBits))) {
+          std::tie(b, d) = tiny_buffer_update<kNesterov>(bk, gk, pk, momentum, grad_scale);
+        } else {
+          b = at::vec::fmadd(gk, grad_scale, bk * momentum);
+          if constexpr (kNesterov) d = at::vec::fmadd(b, momentum, gk);
+          else d = b;
+        }
+      }
+      store(buf + k, b, m);
     }
-    store(buf + k, b, m);
     store(p + k, at::vec::fmadd(d, minus_lr, pk), m);
   }
 }
 #endif
+
+// The pass of the variant the options select: float on AVX2/AVX-512 takes sgd_float (stock's
+// roundings, denormals at full speed), everything else sgd_pass (row_math's formulas).
+template <typename scalar_t, bool kDecay, bool kMomentum, bool kFirst, bool kNesterov>
+void sgd_variant(scalar_t* p, const scalar_t* g, scalar_t* buf, int64_t n,
+                 const SgdOptions<at::opmath_type<scalar_t>>& o) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    sgd_float<kDecay, kMomentum, kFirst, kNesterov>(p, g, buf, n, o);
+    return;
+  }
+#endif
+  sgd_pass<scalar_t, kDecay, kMomentum, kFirst, kNesterov>(p, g, buf, n, o);
+}
 
 template <typename scalar_t>
 void sgd(scalar_t* p, const scalar_t* g, scalar_t* buf, int64_t n, const SgdOptions<at::opmath_type<scalar_t>>& o) {
   // The options fixed for the whole pass are template arguments: each variant is a branch-free loop.
   auto run = [&](auto decay) {
     constexpr bool kDecay = decltype(decay)::value;
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      if (buf && !o.first_step && !o.nesterov) return sgd_momentum_float<kDecay>(p, g, buf, n, o);
-    }
-#endif
     if (!buf) {
-      sgd_pass<scalar_t, kDecay, false, false, false>(p, g, buf, n, o);
+      sgd_variant<scalar_t, kDecay, false, false, false>(p, g, buf, n, o);
     } else if (o.first_step) {
-      if (o.nesterov) sgd_pass<scalar_t, kDecay, true, true, true>(p, g, buf, n, o);
-      else sgd_pass<scalar_t, kDecay, true, true, false>(p, g, buf, n, o);
+      if (o.nesterov) sgd_variant<scalar_t, kDecay, true, true, true>(p, g, buf, n, o);
+      else sgd_variant<scalar_t, kDecay, true, true, false>(p, g, buf, n, o);
     } else {
-      if (o.nesterov) sgd_pass<scalar_t, kDecay, true, false, true>(p, g, buf, n, o);
-      else sgd_pass<scalar_t, kDecay, true, false, false>(p, g, buf, n, o);
+      if (o.nesterov) sgd_variant<scalar_t, kDecay, true, false, true>(p, g, buf, n, o);
+      else sgd_variant<scalar_t, kDecay, true, false, false>(p, g, buf, n, o);
     }
   };
   if (o.weight_decay != 0) run(std::true_type());
