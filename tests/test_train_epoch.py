@@ -226,6 +226,15 @@ def test_bad_input_raises_before_any_update(change, error, match):
     assert trainer.state_dict()["state"] == {}  # no momentum state left behind
 
 
+def test_a_bad_label_the_order_never_reaches_is_no_error():
+    images, labels = dataset(40)
+    labels = labels.clone()
+    labels[39] = 10
+    trainer = FusedTrainer(mlp(), lr=0.1, momentum=0.9)
+    losses, _ = trainer.fit_epoch(images, labels, 16, order=torch.arange(39), chunk=1)
+    assert losses.shape == (3,) and torch.isfinite(losses).all()
+
+
 def test_op_checks_its_own_arguments():
     params = [p.detach() for p in mlp().parameters()]
     images, labels = dataset(8)
