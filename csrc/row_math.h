@@ -7,6 +7,7 @@
 // the CPU test suite exercises the very arithmetic the GPU runs.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -206,11 +207,18 @@ MNIST_FAST_HOST_DEVICE V prob_target_grad(V neg_log_p, V class_weight, V g, cons
 }
 
 // ---------------------------------------------------------------------------------------------
-// SGD update of one parameter element, in torch.optim.SGD's order of operations:
+// SGD update of one parameter element, in torch.optim.SGD's order of operations and with its
+// roundings: each of its `x.add(y, alpha=a)` is one fused multiply-add x + a * y (ATen's vector
+// kernel), each mul_ one rounded product:
 //   g   = grad + weight_decay * param                        (when weight_decay != 0)
 //   buf = g on the first step, else momentum * buf + (1 - dampening) * g   (when momentum != 0)
 //   d   = g + momentum * buf if nesterov, else buf           (g when momentum == 0)
 //   param = param - lr * d
+
+// a * b + c, rounded once. The CPU kernels' at::vec::Vectorized takes at::vec::fmadd (found by
+// argument-dependent lookup); these overloads serve scalars (the CUDA kernels).
+MNIST_FAST_HOST_DEVICE float fmadd(float a, float b, float c) { return ::fmaf(a, b, c); }
+MNIST_FAST_HOST_DEVICE double fmadd(double a, double b, double c) { return ::fma(a, b, c); }
 
 template <typename acc_t>
 struct SgdOptions {
@@ -234,24 +242,24 @@ struct SgdOptions {
 // The decayed gradient g.
 template <typename V, typename acc_t>
 MNIST_FAST_HOST_DEVICE V sgd_decayed_grad(V grad, V param, const SgdOptions<acc_t>& o) {
-  return o.weight_decay != acc_t(0) ? grad + V(o.weight_decay) * param : grad;
+  return o.weight_decay != acc_t(0) ? fmadd(param, V(o.weight_decay), grad) : grad;
 }
 
 // The new momentum buffer from the old one and g.
 template <typename V, typename acc_t>
 MNIST_FAST_HOST_DEVICE V sgd_momentum_buffer(V buf, V g, const SgdOptions<acc_t>& o) {
-  return o.first_step ? g : buf * V(o.momentum) + V(o.one_minus_dampening) * g;
+  return o.first_step ? g : fmadd(g, V(o.one_minus_dampening), buf * V(o.momentum));
 }
 
 // The step direction d from g and the new buffer.
 template <typename V, typename acc_t>
 MNIST_FAST_HOST_DEVICE V sgd_direction(V g, V buf, const SgdOptions<acc_t>& o) {
-  return o.nesterov ? g + V(o.momentum) * buf : buf;
+  return o.nesterov ? fmadd(buf, V(o.momentum), g) : buf;
 }
 
 template <typename V, typename acc_t>
 MNIST_FAST_HOST_DEVICE V sgd_param(V param, V direction, const SgdOptions<acc_t>& o) {
-  return param - V(o.lr) * direction;
+  return fmadd(direction, V(-o.lr), param);
 }
 
 }  // namespace row_math

@@ -16,9 +16,7 @@
 
 #include <cmath>
 #include <limits>
-#include <tuple>
 #include <type_traits>
-#include <utility>
 
 #include "kernels.h"
 
@@ -642,39 +640,14 @@ void mask_grad(const MaskGradArgs<scalar_t>& a, int64_t c0, int64_t width, at::o
 }
 
 // ---- SGD ----
-
-template <typename scalar_t, bool kDecay, bool kMomentum, bool kFirst, bool kNesterov>
-void sgd_pass(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t* __restrict__ buf, int64_t n,
-              const SgdOptions<at::opmath_type<scalar_t>>& options) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using V = Vec<acc_t>;
-  constexpr int64_t L = V::size();
-  SgdOptions<acc_t> o = options;
-  o.first_step = kFirst;
-  o.nesterov = kNesterov;
-  for (int64_t k = 0; k < n; k += L) {
-    const int64_t m = std::min(L, n - k);
-    const V pk = load<acc_t>(p + k, m);
-    const V gk = kDecay ? sgd_decayed_grad(load<acc_t>(g + k, m), pk, o) : load<acc_t>(g + k, m);
-    V d = gk;
-    if constexpr (kMomentum) {
-      const V b = sgd_momentum_buffer(kFirst ? V(0) : load<acc_t>(buf + k, m), gk, o);
-      store(buf + k, b, m);
-      d = sgd_direction(gk, b, o);
-    }
-    store(p + k, sgd_param(pk, d, o), m);
-  }
-}
+//
+// One pass per variant (the options fixed for the whole pass are template arguments), with
+// row_math's formulas: torch.optim.SGD's roundings.
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// float SGD rounded as torch.optim.SGD's ATen ops round it (each add_ with alpha one fused
-// multiply-add): g = grad.add(param, alpha=weight_decay); buf = g.clone() on the first step, else
-// buf.mul_(momentum).add_(g, alpha=1 - dampening); d = g.add(buf, alpha=momentum) with Nesterov,
-// else buf (g without momentum); param.add_(d, alpha=-lr).
-//
-// Denormals. Momentum buffers of units that stopped learning (a dead ReLU: its gradient is exactly
-// 0) decay by `momentum` each step into denormals, and then stay at the smallest one (0.9 * 2^-149
-// rounds back up). With IEEE denormals, PyTorch's default, each vector instruction that meets one
+// Denormals (float). Momentum buffers of units that stopped learning (a dead ReLU: its gradient is
+// exactly 0) decay by `momentum` each step into denormals, and then stay at the smallest one
+// (0.9 * 2^-149 rounds back up). With IEEE denormals, PyTorch's default, each vector instruction that meets one
 // takes a microcode assist of hundreds of cycles: on one core at batch 64, the ~2400 such entries of
 // MNIST's first layer after three epochs made a train step 325 us instead of 245 with denormals
 // flushed (an epoch: within ~1% either way with what follows). In those lanes the pass computes
@@ -739,77 +712,62 @@ C10_ALWAYS_INLINE Vec<float> decayed_denormal(const Bits& buf_bits, const Bits& 
   return float_of(Bits::blendv(sign | magnitude, sign & g_bits, magnitude == Bits(0)));
 }
 
-// buf' and the direction param moves along, for a vector with a buffer below 2^-100 in some lane
-// (the shortcuts above; any lane they do not cover takes the float path, which is exact too).
+// The shortcuts above for a vector with a buffer below 2^-100 in some lane: sets buf' and the
+// direction param moves along and returns true, or returns false (no such lane: the plain
+// formulas). Lanes the shortcuts do not cover take the plain formulas here too (exact, only slower).
 template <bool kNesterov>
-C10_ALWAYS_INLINE std::pair<Vec<float>, Vec<float>> tiny_buffer_update(const Vec<float>& bk, const Vec<float>& gk,
-                                                                     const Vec<float>& pk, const Vec<float>& momentum,
-                                                                     const Vec<float>& grad_scale) {
+C10_ALWAYS_INLINE bool tiny_buffer_update(const Vec<float>& bk, const Vec<float>& gk, const Vec<float>& pk,
+                                          const SgdOptions<float>& o, Vec<float>& b, Vec<float>& d) {
   using V = Vec<float>;
-  const Bits b_bits = bits_of(bk), g_bits = bits_of(gk);
-  const Bits zero_grad = magnitude_below(g_bits, 1);
+  const Bits b_bits = bits_of(bk);
+  if (!any_lane(magnitude_below(b_bits, kTinyBufferBits))) return false;
+  const Bits g_bits = bits_of(gk), zero_grad = magnitude_below(g_bits, 1);
   const V denormal = float_of(magnitude_below(b_bits, kFloatMinBits) & ~magnitude_below(b_bits, 1) & zero_grad);
-  const V b = V::blendv(at::vec::fmadd(gk, grad_scale, V::blendv(bk, V(0), denormal) * momentum),
-                        decayed_denormal(b_bits, g_bits, momentum), denormal);
+  b = V::blendv(sgd_momentum_buffer(V::blendv(bk, V(0), denormal), gk, o),
+                decayed_denormal(b_bits, g_bits, V(o.momentum)), denormal);
   Bits unchanged = magnitude_below(bits_of(b), kTinyBufferBits) & ~magnitude_below(bits_of(pk), kSafeParamBits);
-  if constexpr (kNesterov) {
-    unchanged = unchanged & zero_grad;
-    return {b, V::blendv(at::vec::fmadd(V::blendv(b, V(0), float_of(unchanged)), momentum, gk), V(0),
-                         float_of(unchanged))};
-  }
-  return {b, V::blendv(b, V(0), float_of(unchanged))};
+  if constexpr (kNesterov) unchanged = unchanged & zero_grad;  // so that |d| <= |buf'|
+  const V keep = float_of(unchanged);
+  d = V::blendv(sgd_direction(gk, V::blendv(b, V(0), keep), o), V(0), keep);
+  return true;
 }
+#endif
 
-template <bool kDecay, bool kMomentum, bool kFirst, bool kNesterov>
-void sgd_float(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ buf, int64_t n,
-               const SgdOptions<float>& o) {
-  using V = Vec<float>;
+template <typename scalar_t, bool kDecay, bool kMomentum, bool kFirst, bool kNesterov>
+void sgd_pass(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t* __restrict__ buf, int64_t n,
+              const SgdOptions<at::opmath_type<scalar_t>>& options) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vec<acc_t>;
   constexpr int64_t L = V::size();
-  const V momentum(o.momentum), grad_scale(o.one_minus_dampening), minus_lr(-o.lr), decay(o.weight_decay);
-  const bool exact = kMomentum && !kFirst && exact_denormals(o);
+  SgdOptions<acc_t> o = options;
+  o.first_step = kFirst;
+  o.nesterov = kNesterov;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  constexpr bool kShortcuts = std::is_same_v<scalar_t, float> && kMomentum && !kFirst;
+  bool shortcuts = false;
+  if constexpr (kShortcuts) shortcuts = exact_denormals(o);
+#endif
   for (int64_t k = 0; k < n; k += L) {
     const int64_t m = std::min(L, n - k);
-    const V pk = load<float>(p + k, m);
-    V gk = load<float>(g + k, m);
-    if constexpr (kDecay) gk = at::vec::fmadd(pk, decay, gk);
+    const V pk = load<acc_t>(p + k, m);
+    const V gk = kDecay ? sgd_decayed_grad(load<acc_t>(g + k, m), pk, o) : load<acc_t>(g + k, m);
     V d = gk;
     if constexpr (kMomentum) {
+      const V bk = kFirst ? V(0) : load<acc_t>(buf + k, m);
       V b;
-      if constexpr (kFirst) {
-        b = gk;
-        if constexpr (kNesterov) d = at::vec::fmadd(b, momentum, gk);
-        else d = b;
-      } else {
-        const V bk = load<float>(buf + k, m);
-        // One compare per vector on the common path: only a tiny buffer can need a shortcut (one
-        // made tiny by cancellation takes the float path: exact, only slower).
-        if (exact && any_lane(magnitude_below(bits_of(bk), kTinyBufferBits))) {
-          std::tie(b, d) = tiny_buffer_update<kNesterov>(bk, gk, pk, momentum, grad_scale);
-        } else {
-          b = at::vec::fmadd(gk, grad_scale, bk * momentum);
-          if constexpr (kNesterov) d = at::vec::fmadd(b, momentum, gk);
-          else d = b;
-        }
+      bool done = false;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+      // one compare per vector on the common path
+      if constexpr (kShortcuts) done = shortcuts && tiny_buffer_update<kNesterov>(bk, gk, pk, o, b, d);
+#endif
+      if (!done) {
+        b = sgd_momentum_buffer(bk, gk, o);
+        d = sgd_direction(gk, b, o);
       }
       store(buf + k, b, m);
     }
-    store(p + k, at::vec::fmadd(d, minus_lr, pk), m);
+    store(p + k, sgd_param(pk, d, o), m);
   }
-}
-#endif
-
-// The pass of the variant the options select: float on AVX2/AVX-512 takes sgd_float (stock's
-// roundings, denormals at full speed), everything else sgd_pass (row_math's formulas).
-template <typename scalar_t, bool kDecay, bool kMomentum, bool kFirst, bool kNesterov>
-void sgd_variant(scalar_t* p, const scalar_t* g, scalar_t* buf, int64_t n,
-                 const SgdOptions<at::opmath_type<scalar_t>>& o) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    sgd_float<kDecay, kMomentum, kFirst, kNesterov>(p, g, buf, n, o);
-    return;
-  }
-#endif
-  sgd_pass<scalar_t, kDecay, kMomentum, kFirst, kNesterov>(p, g, buf, n, o);
 }
 
 template <typename scalar_t>
@@ -818,13 +776,13 @@ void sgd(scalar_t* p, const scalar_t* g, scalar_t* buf, int64_t n, const SgdOpti
   auto run = [&](auto decay) {
     constexpr bool kDecay = decltype(decay)::value;
     if (!buf) {
-      sgd_variant<scalar_t, kDecay, false, false, false>(p, g, buf, n, o);
+      sgd_pass<scalar_t, kDecay, false, false, false>(p, g, buf, n, o);
     } else if (o.first_step) {
-      if (o.nesterov) sgd_variant<scalar_t, kDecay, true, true, true>(p, g, buf, n, o);
-      else sgd_variant<scalar_t, kDecay, true, true, false>(p, g, buf, n, o);
+      if (o.nesterov) sgd_pass<scalar_t, kDecay, true, true, true>(p, g, buf, n, o);
+      else sgd_pass<scalar_t, kDecay, true, true, false>(p, g, buf, n, o);
     } else {
-      if (o.nesterov) sgd_variant<scalar_t, kDecay, true, false, true>(p, g, buf, n, o);
-      else sgd_variant<scalar_t, kDecay, true, false, false>(p, g, buf, n, o);
+      if (o.nesterov) sgd_pass<scalar_t, kDecay, true, false, true>(p, g, buf, n, o);
+      else sgd_pass<scalar_t, kDecay, true, false, false>(p, g, buf, n, o);
     }
   };
   if (o.weight_decay != 0) run(std::true_type());
