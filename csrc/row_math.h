@@ -262,5 +262,71 @@ MNIST_FAST_HOST_DEVICE V sgd_param(V param, V direction, const SgdOptions<acc_t>
   return fmadd(direction, V(-o.lr), param);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Adam / AdamW update of one parameter element, in the order of operations of torch.optim.Adam's
+// single-tensor path and with its roundings (ATen's vector kernels: lerp_ and addcmul_ are one
+// fused multiply-add each, addcdiv_ is value * t1 / t2 + self rounded op by op). `stored` rounds
+// a value to the tensor's type where torch writes an intermediate tensor (identity for float and
+// double; bfloat16 and float16 compute in float):
+//   g   = grad + weight_decay * param                    (Adam with weight_decay != 0)
+//   param = param * (1 - lr * weight_decay)              (AdamW)
+//   m   = m.lerp(g, 1 - beta1)
+//   v   = (v * beta2) + (1 - beta2) * g * g
+//   param = param + (-step_size * m) / (sqrt(v) / sqrt(bias_correction2) + eps)
+// with sqrt as torch.sqrt computes it (kernels.h's torch_sqrt), step_size = lr / bias_correction1 and the bias corrections in double, as Python computes them.
+
+template <typename acc_t>
+struct AdamOptions {
+  acc_t weight_decay;     // Adam's L2 term (0 for AdamW)
+  acc_t decay_factor;     // AdamW's 1 - lr * weight_decay (1 for Adam)
+  acc_t lerp_weight;      // 1 - beta1
+  acc_t beta2;
+  acc_t one_minus_beta2;
+  acc_t neg_step_size;    // -lr / bias_correction1
+  acc_t bias_correction2_sqrt;
+  acc_t eps;
+  bool grad_decay;        // Adam with weight_decay != 0: the L2 term joins the gradient
+  bool param_decay;       // AdamW with weight_decay != 0: the parameter decays first
+
+  MNIST_FAST_HOST_DEVICE AdamOptions(int64_t step, double lr, double beta1, double beta2_, double eps_,
+                                     double weight_decay_, bool decoupled)
+      : weight_decay(acc_t(decoupled ? 0.0 : weight_decay_)),
+        decay_factor(acc_t(decoupled ? 1.0 - lr * weight_decay_ : 1.0)),
+        lerp_weight(acc_t(1.0 - beta1)),
+        beta2(acc_t(beta2_)),
+        one_minus_beta2(acc_t(1.0 - beta2_)),
+        neg_step_size(acc_t(-(lr / (1.0 - ::pow(beta1, double(step)))))),
+        bias_correction2_sqrt(acc_t(::pow(1.0 - ::pow(beta2_, double(step)), 0.5))),
+        eps(acc_t(eps_)),
+        grad_decay(!decoupled && weight_decay_ != 0.0),
+        param_decay(decoupled && weight_decay_ != 0.0) {}
+};
+
+// torch.lerp(m, g, w): its two formulas, each one fused multiply-add.
+template <typename V, typename acc_t>
+MNIST_FAST_HOST_DEVICE V adam_exp_avg(V m, V g, const AdamOptions<acc_t>& o) {
+  const acc_t w = o.lerp_weight;
+  return w < acc_t(0.5) ? fmadd(V(w), g - m, m) : fmadd(V(w - acc_t(1)), g - m, g);
+}
+
+// exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2); `stored` rounds the product as mul_ stores it.
+template <typename V, typename acc_t, typename Stored>
+MNIST_FAST_HOST_DEVICE V adam_exp_avg_sq(V v, V g, const AdamOptions<acc_t>& o, const Stored& stored) {
+  return fmadd(V(o.one_minus_beta2) * g, g, stored(v * V(o.beta2)));
+}
+
+// (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps), each result stored, from root =
+// exp_avg_sq.sqrt() (the kernels take it as torch.sqrt computes it).
+template <typename V, typename acc_t, typename Stored>
+MNIST_FAST_HOST_DEVICE V adam_denom(V root, const AdamOptions<acc_t>& o, const Stored& stored) {
+  return stored(stored(root / V(o.bias_correction2_sqrt)) + V(o.eps));
+}
+
+// param.addcdiv_(exp_avg, denom, value=-step_size).
+template <typename V, typename acc_t>
+MNIST_FAST_HOST_DEVICE V adam_param(V param, V m, V denom, const AdamOptions<acc_t>& o) {
+  return param + V(o.neg_step_size) * m / denom;
+}
+
 }  // namespace row_math
 }  // namespace mnist_fast

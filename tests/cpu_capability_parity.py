@@ -15,7 +15,7 @@ from torch import nn
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # helpers
-from helpers import TOL, sgd_update_mismatches  # noqa: E402
+from helpers import TOL, adam_update_mismatches, sgd_update_mismatches  # noqa: E402
 import mnist_fast  # noqa: E402
 from mnist_fast import _C, functional as MF  # noqa: E402
 from mnist_fast.nn import fuse  # noqa: E402
@@ -131,6 +131,11 @@ def sgd_update_cases():
                                 ((37, 19, 5), 7, dict(momentum=0.0, weight_decay=1e-2))]:
         mismatches = sgd_update_mismatches(sizes, rows, **config)
         assert not mismatches, f"sgd update {sizes} {config}: the bits of {mismatches} differ from torch.optim.SGD's"
+    for optimizer, config in [("adam", dict(lr=1e-3)), ("adam", dict(lr=1e-3, betas=(0.5, 0.9))),
+                              ("adam", dict(lr=1e-2, weight_decay=1e-2)), ("adamw", dict(lr=1e-2))]:
+        for dtype in (torch.float32, torch.float64):
+            mismatches = adam_update_mismatches(optimizer, config, dtype=dtype, shape=(4099,))
+            assert not mismatches, f"{optimizer} update {config} {dtype}: {mismatches} differ from torch.optim's"
 
 
 def main(expected):

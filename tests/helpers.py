@@ -4,6 +4,8 @@ small data set of the training-script tests.
 Imported as a module (`from helpers import TOL`), not through conftest. Also importable by the
 scripts that run tests' cases in a child process (bad_input_cases.py) and on a GPU machine.
 """
+import math
+
 import pytest
 import torch
 
@@ -165,4 +167,57 @@ def sgd_update_mismatches(sizes, rows, momentum, dampening=0.0, weight_decay=0.0
     for name, a, p in zip(names, our_buffers, stock):
         if not torch.equal(a.view(torch.int32), opt.state[p]["momentum_buffer"].view(torch.int32)):
             mismatches.append(name + " buffer")
+    return mismatches
+
+
+def adam_update_mismatches(optimizer, config, dtype=torch.float32, shape=(37, 111), steps=4, seed=0):
+    """The adam_update op against torch.optim.Adam / AdamW (foreach=False) on the same gradients,
+    from a state that has run 3 steps and is partly denormal: a third of the elements belong to
+    dead units (gradient exactly 0 on every step) whose exp_avg is denormal (random magnitudes and
+    odd ones, which a lerp weight of 1/2 turns into exact ties) or tiny, with exp_avg_sq denormal,
+    tiny, 0 or inf and parameters spanning 2^-140..2^-20 (both sides of the smallest one the exact
+    shortcut leaves unchanged, 2^-40); a tenth of the dead units get gradients again. Returns the names of the tensors whose bits differ after
+    each step ('step 4: param'), none when the update rounds as stock's does."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def uniform(low, high, size):
+        return low + (high - low) * torch.rand(size, generator=gen)
+
+    n = math.prod(shape)
+    dead = torch.rand(n, generator=gen) < 1 / 3
+    param = torch.randn(n, generator=gen)
+    param = torch.where(dead, param * torch.pow(2.0, -torch.randint(20, 141, (n,), generator=gen).double()).float(), param)
+    magnitude = torch.randint(1, 2 ** 23, (n,), generator=gen, dtype=torch.int32)
+    magnitude[torch.rand(n, generator=gen) < 0.3] = 2 * torch.randint(0, 50, (1,), generator=gen).item() + 1
+    sign = torch.where(torch.rand(n, generator=gen) < 0.5, 0, -2 ** 31).to(torch.int32)
+    denormal = (magnitude | sign).view(torch.float32)
+    exp_avg = torch.where(torch.rand(n, generator=gen) < 0.7, denormal, torch.randn(n, generator=gen) * 2.0 ** -110)
+    exp_avg = torch.where(dead, exp_avg, torch.randn(n, generator=gen) * 1e-2)
+    choice = torch.rand(n, generator=gen)
+    exp_avg_sq = torch.where(choice < 0.4, torch.randint(1, 2 ** 23, (n,), generator=gen, dtype=torch.int32)
+                             .view(torch.float32), uniform(0, 1e-6, n))
+    exp_avg_sq = torch.where((choice > 0.9) & (choice < 0.95), torch.zeros(n), exp_avg_sq)
+    exp_avg_sq = torch.where(choice >= 0.95, torch.full((n,), math.inf), exp_avg_sq)
+    exp_avg_sq = torch.where(dead, exp_avg_sq, uniform(0, 1e-4, n))
+    state = [t.reshape(shape).to(dtype) for t in (param, exp_avg, exp_avg_sq)]
+    param, exp_avg, exp_avg_sq = state
+
+    ref = param.clone().requires_grad_()
+    stock = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]([ref], foreach=False, **config)
+    stock.state[ref] = {"step": torch.tensor(3.0), "exp_avg": exp_avg.clone(), "exp_avg_sq": exp_avg_sq.clone()}
+    group = stock.param_groups[0]
+    mismatches = []
+    revived = dead & (torch.rand(n, generator=gen) < 0.1)  # tiny moments, and a gradient again
+    for step in range(4, 4 + steps):
+        grad = torch.randn(n, generator=gen) * (torch.rand(n, generator=gen) < 0.8) * (~dead | revived)
+        grad = grad.reshape(shape).to(dtype)
+        ref.grad = grad.clone()
+        stock.step()
+        torch.ops.mnist_fast.adam_update([param], [grad], [exp_avg], [exp_avg_sq], step, group["lr"], *group["betas"],
+                                         group["eps"], group["weight_decay"], optimizer == "adamw")
+        bits = torch.int32 if dtype == torch.float32 else torch.int64
+        for name, ours, theirs in (("param", param, ref.detach()), ("exp_avg", exp_avg, stock.state[ref]["exp_avg"]),
+                                   ("exp_avg_sq", exp_avg_sq, stock.state[ref]["exp_avg_sq"])):
+            if not torch.equal(ours.view(bits), theirs.view(bits)):
+                mismatches.append(f"step {step}: {name}")
     return mismatches

@@ -85,6 +85,9 @@ struct Kernels {
   // n elements of torch.optim.SGD's update (buf null when momentum is 0).
   void (*sgd)(scalar_t* param, const scalar_t* grad, scalar_t* buf, int64_t n,
               const row_math::SgdOptions<acc_t>& options);
+  // n elements of torch.optim.Adam's (AdamW's) update, given the gradient.
+  void (*adam)(scalar_t* param, const scalar_t* grad, scalar_t* exp_avg, scalar_t* exp_avg_sq, int64_t n,
+               const row_math::AdamOptions<acc_t>& options);
 };
 
 constexpr int64_t kMaskColumns = 64;
@@ -99,6 +102,12 @@ struct KernelTable {
 
 // The table for the capability in use (chosen once, on first use).
 const KernelTable& kernel_table();
+
+// x = torch.sqrt(x) in place, with the values torch's float and double tensors get: in torch's
+// MKL builds that is MKL's VML in its high-accuracy mode (within 1 ulp, not always the correctly
+// rounded root), elsewhere the correctly rounded root. Compiled once (dispatch.cpp).
+void torch_sqrt(float* x, int64_t n);
+void torch_sqrt(double* x, int64_t n);
 
 template <typename scalar_t>
 const Kernels<scalar_t>& kernels();
