@@ -861,7 +861,7 @@ struct StoredAs {
 //   exp_avg_sq' = exp_avg_sq * beta2 + 0 = round(k * beta2) * 2^-149 for a denormal exp_avg_sq;
 //   param'      = param: |-step_size * exp_avg' / denom| <= step_size * 2^-100 / eps <= 2^-70 when
 //                 step_size <= 2^30 * eps, below a quarter of param's ulp (so the float path gets
-//                 exp_avg' = 0 and exp_avg_sq' = 0 there, and no denormal).
+//                 exp_avg' = 0 and exp_avg_sq' = 1 there, and no denormal).
 // It does so when 1 - beta1 and beta2 are in [2^-60, 1), eps > 0, step_size <= 2^30 * eps and
 // denormals are IEEE on this thread. Other lanes take the float formulas (exact, only slower).
 constexpr int32_t kSafeAdamParamBits = 0x2b800000;  // 2^-40
@@ -888,8 +888,8 @@ C10_ALWAYS_INLINE Vec<float> lerped_denormal(const Bits& m_bits, const Vec<float
 }
 
 // The shortcuts above for a vector with |exp_avg| < 2^-100 in some lane: sets the new exp_avg and
-// exp_avg_sq, and the exp_avg and exp_avg_sq the parameter's update reads (0 in the lanes it leaves
-// unchanged), and returns true; or returns false (no such lane: the plain formulas).
+// exp_avg_sq, and the exp_avg and exp_avg_sq the parameter's update reads (0 and 1 in the lanes it
+// leaves unchanged), and returns true; or returns false (no such lane: the plain formulas).
 C10_ALWAYS_INLINE bool tiny_exp_avg_update(const Vec<float>& pk, const Vec<float>& gk, const Vec<float>& mk,
                                            const Vec<float>& vk, const AdamOptions<float>& o, Vec<float>& m_new,
                                            Vec<float>& v_new, Vec<float>& m_step, Vec<float>& v_step) {
@@ -908,7 +908,7 @@ C10_ALWAYS_INLINE bool tiny_exp_avg_update(const Vec<float>& pk, const Vec<float
   v_new = V::blendv(adam_exp_avg_sq(V::blendv(vk, V(0), denormal_v), gk, o, StoredAs<float>()),
                     decayed_denormal(v_bits, Bits(0), V(o.beta2)), denormal_v);
   m_step = V::blendv(m_new, V(0), keep);
-  v_step = V::blendv(v_new, V(0), keep);
+  v_step = V::blendv(v_new, V(1), keep);  // any positive root will do; VML's sqrt of 0 is ~20x slower than of 1
   return true;
 }
 #endif
