@@ -106,7 +106,13 @@ def train(args: argparse.Namespace) -> TrainResult:
     if args.flush_denormal and not flushing and env.rank == 0:
         print("note: --flush-denormal: this CPU cannot flush denormals; computing with them")
     try:
-        return _train(args, env)
+        result = _train(args, env)
+        if env.active:
+            # Rank 0 writes the report alone: the others wait for it, so that no rank tears down its
+            # connections while a peer still runs (once in CI, a rank 1 that went ahead died in the
+            # teardown with SIGABRT, "terminate called without an active exception").
+            dist.barrier()
+        return result
     finally:
         if flushing:
             torch.set_flush_denormal(False)
