@@ -11,8 +11,9 @@ Rows (one epoch: draw the shuffle, gather every batch, train on it):
                     last, smaller batch is a second graph, compiled in the warm-up (--no-compile
                     skips the row: compiling takes ~20 s on this project's 2-CPU VMs)
   fused-step loop   FusedTrainer.step over data.Batches (--backend fused-step before fit_epoch)
-  fit_epoch         FusedTrainer.fit_epoch, 100 steps per call (what --backend fused-step runs now)
-  fit_epoch 1 call  FusedTrainer.fit_epoch, the whole epoch in one call
+  fit_epoch         FusedTrainer.fit_epoch, 100 steps per call, from the uint8 pixels with
+                    data.pixel_values() (what --backend fused-step runs now)
+  fit_epoch 1 call  the same, the whole epoch in one call
   GEMM floor        the 8 GEMMs of a step alone (torch.mm into preallocated outputs) x steps
   compute ceiling   a fixed amount of large-GEMM work (60 torch.mm of 512x512 matrices): how much the
                     machine's cores give at this thread count during this run; its 1-thread / N-thread
@@ -146,7 +147,7 @@ class JaxWorker:
 # ----------------------------------------------------------------------------------------------
 # torch
 
-def torch_contenders(images, labels, batch, compile=True):
+def torch_contenders(images, labels, pixels, batch, compile=True):
     import torch
     from torch import nn
 
@@ -155,7 +156,8 @@ def torch_contenders(images, labels, batch, compile=True):
     from mnist_fast.models import MNISTNet, stock_mlp
     from mnist_fast.trainer import FusedTrainer
 
-    split = mnist_data.Split(images, labels)
+    split = mnist_data.Split(images, labels, pixels)
+    pixel_values = mnist_data.pixel_values()
 
     def epochs():  # each contender draws its own shuffle per epoch, as the CLI does
         batches = mnist_data.Batches(split, batch, seed=0)
@@ -198,7 +200,9 @@ def torch_contenders(images, labels, batch, compile=True):
             trainer.step(x, y)
 
     def fit(chunk):
-        return lambda trainer, b: trainer.fit_epoch(split.images, split.labels, batch, order=b.indices(), chunk=chunk)
+        # as the CLI: from the uint8 pixels (a quarter of the bytes to gather), the same training
+        return lambda trainer, b: trainer.fit_epoch(split.pixels, split.labels, batch, order=b.indices(), chunk=chunk,
+                                                    pixel_values=pixel_values)
 
     gemms = make_step_gemms(batch)
     steps = -(-images.shape[0] // batch)
@@ -234,7 +238,7 @@ def load_data(samples):
     try:
         dataset = mnist_data.load_dataset("mnist", download=False)
         images, labels = dataset.train.images, dataset.train.labels
-        raw = (images * 0.5 + 0.5).mul(255).round().to(torch.uint8).squeeze(1)
+        raw = dataset.train.pixels
         what = f"real MNIST from {dataset.source}"
     except Exception as error:  # no copy on this machine: synthetic, the same shapes
         g = torch.Generator().manual_seed(2)
@@ -274,7 +278,7 @@ def main(argv=None):
     if args.threads:  # (after the mode: the intra-op threads start in it)
         torch.set_num_threads(args.threads)
     images, labels, raw, what = load_data(args.samples)
-    fns = torch_contenders(images, labels, args.batch, compile=not args.no_compile)
+    fns = torch_contenders(images, labels, raw, args.batch, compile=not args.no_compile)
 
     jax = None
     if not args.no_jax:

@@ -89,14 +89,17 @@ std::tuple<at::Tensor, OptionalTensorList, OptionalTensorList> fused_mlp_backwar
 // The SGD steps of an epoch in one call: batch s is images[order[s*batch_size : (s+1)*batch_size]]
 // (the last one may be smaller), trained by train_step_sgd with learning rate lr[s] (lr: float64
 // on the CPU, one per step); params and momentum_buffers are updated in place as by that loop of
-// steps, first_step applying to the first one. Every index of order and every target is checked
-// before the first update. Returns the per-step (losses, correct counts).
+// steps, first_step applying to the first one. uint8 images are the indices of their values in
+// pixel_values (256 of the parameters' dtype): batch s is then pixel_values[images[...]]. Every index
+// of order and every target is checked before the first update. Returns the per-step (losses,
+// correct counts).
 std::tuple<at::Tensor, at::Tensor> train_epoch_sgd(const at::Tensor& images, const at::Tensor& labels,
                                                    const at::Tensor& order, int64_t batch_size, const at::Tensor& lr,
                                                    at::TensorList params, at::TensorList momentum_buffers,
                                                    double momentum, double dampening, double weight_decay,
                                                    bool nesterov, bool first_step, int64_t ignore_index,
-                                                   double label_smoothing);
+                                                   double label_smoothing,
+                                                   const std::optional<at::Tensor>& pixel_values = std::nullopt);
 
 // ---- Adam / AdamW update (cpu/adam.cpp) ----
 

@@ -70,16 +70,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         [](const at::Tensor& images, const at::Tensor& labels, const at::Tensor& order, int64_t batch_size,
            const at::Tensor& lr, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& momentum_buffers,
            double momentum, double dampening, double weight_decay, bool nesterov, bool first_step,
-           int64_t ignore_index, double label_smoothing) {
+           int64_t ignore_index, double label_smoothing, const std::optional<at::Tensor>& pixel_values) {
           return mnist_fast::train_epoch_sgd(images, labels, order, batch_size, lr, params, momentum_buffers, momentum,
                                              dampening, weight_decay, nesterov, first_step, ignore_index,
-                                             label_smoothing);
+                                             label_smoothing, pixel_values);
         },
         "the SGD steps of an epoch (batches gathered by order, lr per step) in place; returns (losses, correct)",
         py::arg("images"), py::arg("labels"), py::arg("order"), py::arg("batch_size"), py::arg("lr"),
         py::arg("params"), py::arg("momentum_buffers"), py::arg("momentum"), py::arg("dampening"),
         py::arg("weight_decay"), py::arg("nesterov"), py::arg("first_step"), py::arg("ignore_index"),
-        py::arg("label_smoothing"), py::call_guard<py::gil_scoped_release>());
+        py::arg("label_smoothing"), py::arg("pixel_values") = py::none(), py::call_guard<py::gil_scoped_release>());
   // ---- Adam / AdamW update (cpu/adam.cpp) ----
   m.def("adam_update",
         [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,

@@ -150,20 +150,21 @@ std::tuple<at::Tensor, at::Tensor> train_epoch_sgd(const at::Tensor& images, con
                                                    at::TensorList params, at::TensorList momentum_buffers,
                                                    double momentum, double dampening, double weight_decay,
                                                    bool nesterov, bool first_step, int64_t ignore_index,
-                                                   double label_smoothing) {
+                                                   double label_smoothing, const std::optional<at::Tensor>& pixel_values) {
   MNIST_FAST_OP("train_epoch_sgd", decltype(train_epoch_sgd));
   return op.call(images, labels, order, batch_size, lr, params, momentum_buffers, momentum, dampening, weight_decay,
-                 nesterov, first_step, ignore_index, label_smoothing);
+                 nesterov, first_step, ignore_index, label_smoothing, pixel_values);
 }
 
 TORCH_LIBRARY_FRAGMENT(mnist_fast, m) {
   // The steps of an SGD epoch: batch s = images[order[s*batch_size:(s+1)*batch_size]] trained by
-  // train_step_sgd with lr[s]; params and momentum_buffers updated in place. Returns per-step
-  // (losses, correct).
+  // train_step_sgd with lr[s] (uint8 images: pixel_values[images[...]]); params and momentum_buffers
+  // updated in place. Returns per-step (losses, correct).
   m.def(
       "train_epoch_sgd(Tensor images, Tensor labels, Tensor order, int batch_size, Tensor lr,"
       " Tensor(a!)[] params, Tensor(b!)[] momentum_buffers, float momentum, float dampening, float weight_decay,"
-      " bool nesterov, bool first_step, int ignore_index, float label_smoothing) -> (Tensor losses, Tensor correct)");
+      " bool nesterov, bool first_step, int ignore_index, float label_smoothing, Tensor? pixel_values=None)"
+      " -> (Tensor losses, Tensor correct)");
 }
 
 // ---- Adam / AdamW update (kernel: cpu/adam.cpp) ----

@@ -20,7 +20,8 @@ class EpochSteps:
     def fit_epoch(self, images: Tensor, labels: Tensor, batch_size: int,
                   generator: Optional[torch.Generator] = None, lr_schedule: Optional[Sequence[float]] = None, *,
                   order: Optional[Tensor] = None, chunk: Optional[int] = None,
-                  on_chunk: Optional[Callable[[int, Tensor, Tensor], None]] = None) -> Tuple[Tensor, Tensor]:
+                  on_chunk: Optional[Callable[[int, Tensor, Tensor], None]] = None,
+                  pixel_values: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """One epoch of training steps; returns the per-step (losses, correct counts) as tensors on the device.
 
         The same training, bit for bit, as the step loop
@@ -39,8 +40,13 @@ class EpochSteps:
         otherwise. on_chunk(samples, losses, correct) is called after each ``chunk`` steps with the
         number of samples they trained and their losses and correct counts (e.g. to update a progress
         bar). Every index and target of the epoch is checked before the first update.
+
+        images may instead be uint8 (e.g. a Split's pixels) with pixel_values, the input value of each
+        byte value ((256,), the parameters' dtype and device; data.pixel_values() is data.normalize's):
+        the training is then that of the images pixel_values[images.long()], bit for bit, and a
+        shuffled batch gathers a quarter of the bytes.
         """
-        x, labels = self._inputs(images, labels, "fit_epoch")
+        x, labels = self._inputs(images, labels, "fit_epoch", pixel_values)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"FusedTrainer.fit_epoch: batch_size must be a positive int, got {batch_size!r}")
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
@@ -64,7 +70,7 @@ class EpochSteps:
         params = self._current_params()
         fused = self._fused_sgd(params)
         if fused is None:
-            return self._fit_epoch_steps(x, labels, order, batch_size, lrs.tolist(), chunk, on_chunk)
+            return self._fit_epoch_steps(x, labels, order, batch_size, lrs.tolist(), chunk, on_chunk, pixel_values)
         if chunk < steps:  # each call checks its own steps; a bad target in a later one must fail before the first
             self._check_epoch(x, labels, order, batch_size)
         losses, correct = [], []
@@ -75,7 +81,8 @@ class EpochSteps:
             group = self.param_groups[0]
             chunk_losses, chunk_correct = _train_epoch_sgd(
                 x, labels, part, batch_size, lrs[first:last], params, buffers, group["momentum"], group["dampening"],
-                group["weight_decay"], group["nesterov"], first_step, self.ignore_index, self.label_smoothing)
+                group["weight_decay"], group["nesterov"], first_step, self.ignore_index, self.label_smoothing,
+                pixel_values)
             if first_step and last > first:  # only once an update went through
                 self._store_buffers(params, buffers)
                 fused = self._fused_sgd(params)
@@ -86,7 +93,7 @@ class EpochSteps:
         return torch.cat(losses), torch.cat(correct)
 
     def _fit_epoch_steps(self, x: Tensor, labels: Tensor, order: Tensor, batch_size: int, lrs: List[float],
-                         chunk: int, on_chunk) -> Tuple[Tensor, Tensor]:
+                         chunk: int, on_chunk, pixel_values: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """fit_epoch as its loop of steps (Adam, an all-reduce, a frozen parameter)."""
         self._check_epoch(x, labels, order, batch_size, strict=True)
         params = self._current_params()
@@ -97,10 +104,13 @@ class EpochSteps:
             chunk_losses, chunk_correct = [], []
             for s in range(first, last):
                 index = order[s * batch_size:(s + 1) * batch_size]
-                loss, hits = self._train_batch(x.index_select(0, index), labels.index_select(0, index), params, lrs[s])
+                batch = x.index_select(0, index)
+                if pixel_values is not None:
+                    batch = pixel_values.index_select(0, batch.flatten().int()).view(batch.shape)
+                loss, hits = self._train_batch(batch, labels.index_select(0, index), params, lrs[s])
                 chunk_losses.append(loss)
                 chunk_correct.append(hits)
-            chunk_losses = torch.stack(chunk_losses) if chunk_losses else x.new_empty((0,))
+            chunk_losses = torch.stack(chunk_losses) if chunk_losses else params[0].new_empty((0,))
             chunk_correct = torch.stack(chunk_correct) if chunk_correct else labels.new_empty((0,))
             losses.append(chunk_losses)
             correct.append(chunk_correct)

@@ -277,13 +277,14 @@ def _fused_mlp_backward_fake(grad_output, input, weights, hidden, output, output
 
 @torch.library.register_fake("mnist_fast::train_epoch_sgd")
 def _train_epoch_sgd_fake(images, labels, order, batch_size, lr, params, momentum_buffers, momentum, dampening,
-                          weight_decay, nesterov, first_step, ignore_index, label_smoothing):
+                          weight_decay, nesterov, first_step, ignore_index, label_smoothing, pixel_values=None):
     torch._check(batch_size >= 1, lambda: "train_epoch_sgd: batch_size must be positive")
     torch._check(order.dim() == 1, lambda: "train_epoch_sgd: order must be 1-D")
     torch._check(len(params) >= 2 and len(params) % 2 == 0,
                  lambda: "train_epoch_sgd: params must be weight/bias pairs")
     steps = (order.shape[0] + batch_size - 1) // batch_size
-    return images.new_empty((steps,)), images.new_empty((steps,), dtype=torch.int64)
+    losses = (pixel_values if pixel_values is not None else images).new_empty((steps,))
+    return losses, images.new_empty((steps,), dtype=torch.int64)
 
 
 # ---- Adam / AdamW update (csrc/cpu/adam.cpp) ----

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["DATASETS", "DatasetNotFoundError", "IdxError", "Split", "Dataset", "Batches", "read_idx", "write_idx",
-           "idx_bytes", "normalize", "host_empty", "find_dataset", "load_dataset"]
+           "idx_bytes", "normalize", "pixel_values", "host_empty", "find_dataset", "load_dataset"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -204,33 +204,47 @@ def normalize(images: Tensor) -> Tensor:
     return out.copy_(images).div_(255).sub_(0.5).div_(0.5)
 
 
+def pixel_values(dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+    """normalize's value of each byte value: (256,), so that normalize(images) equals
+    pixel_values()[images.long()] bit for bit (FusedTrainer.fit_epoch's pixel_values)."""
+    return normalize(torch.arange(256, dtype=torch.uint8)).to(dtype=dtype, device=device)
+
+
 # ----------------------------------------------------------------------------------------------
 # Splits, datasets, batches
 
 
 @dataclass
 class Split:
-    """One split as whole tensors: images (N, 1, 28, 28) float32 normalized, labels (N,) int64."""
+    """One split as whole tensors: images (N, 1, 28, 28) float32 normalized, labels (N,) int64, and,
+    when the split was read from IDX files, pixels: the uint8 images (N, 28, 28) they were normalized
+    from (images == pixel_values()[pixels.long()]), which FusedTrainer.fit_epoch gathers in a quarter
+    of the bytes."""
 
     images: Tensor
     labels: Tensor
+    pixels: Optional[Tensor] = None
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
     def to(self, device) -> "Split":
-        return Split(self.images.to(device), self.labels.to(device))
+        return Split(self.images.to(device), self.labels.to(device),
+                     None if self.pixels is None else self.pixels.to(device))
 
     def head(self, n: Optional[int]) -> "Split":
         """The first n samples (all of them when n is None)."""
-        return self if n is None else Split(self.images[:n], self.labels[:n])
+        if n is None:
+            return self
+        return Split(self.images[:n], self.labels[:n], None if self.pixels is None else self.pixels[:n])
 
     def take(self, index: Tensor) -> "Split":
         """The samples at index (a 1-D int64 tensor), copied; on the CPU into host_empty's memory."""
-        if self.images.device.type != "cpu":
-            return Split(self.images[index], self.labels[index])
-        images = host_empty((index.shape[0], *self.images.shape[1:]), self.images.dtype)
-        return Split(torch.index_select(self.images, 0, index, out=images), self.labels[index])
+        def rows(t: Optional[Tensor]) -> Optional[Tensor]:
+            if t is None or t.device.type != "cpu":
+                return None if t is None else t[index]
+            return torch.index_select(t, 0, index, out=host_empty((index.shape[0], *t.shape[1:]), t.dtype))
+        return Split(rows(self.images), self.labels[index], rows(self.pixels))
 
 
 @dataclass
@@ -252,7 +266,8 @@ def _split_from_idx(images_u8: Tensor, labels_u8: Tensor, images_path: Path, lab
                        f"holds {labels_u8.shape[0]} labels")
     if labels_u8.numel() and int(labels_u8.max()) >= NUM_CLASSES:
         raise IdxError(f"{labels_path}: label {int(labels_u8.max())} out of range 0..{NUM_CLASSES - 1}")
-    return Split(normalize(images_u8).unsqueeze(1), labels_u8.to(torch.int64))
+    pixels = host_empty(images_u8.shape, torch.uint8).copy_(images_u8)  # (the IDX buffer may be read-only)
+    return Split(normalize(pixels).unsqueeze(1), labels_u8.to(torch.int64), pixels)
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:

@@ -361,14 +361,28 @@ class FusedTrainer(EpochSteps, torch.optim.Optimizer):
             entry = self._workspaces[key] = (workspace, flat)
         return entry
 
-    def _inputs(self, images: Tensor, labels: Tensor, method: str) -> Tuple[Tensor, Tensor]:
-        """images flattened to (N, in_features) and int64 labels, or a clear error."""
+    def _inputs(self, images: Tensor, labels: Tensor, method: str,
+                pixel_values: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """images flattened to (N, in_features) and int64 labels, or a clear error. uint8 images (fit_epoch)
+        come with pixel_values, the input value of each byte value."""
         if images.dim() < 2:
             raise ValueError(f"FusedTrainer.{method}: expected images of shape (N, ...) with N samples, got shape "
                              f"{tuple(images.shape)}")
         x = images.flatten(1)
         first = self._params[0]
-        if x.dtype != first.dtype or x.device != first.device:
+        if pixel_values is not None or x.dtype == torch.uint8:
+            if x.dtype != torch.uint8 or pixel_values is None:
+                raise TypeError(f"FusedTrainer.{method}: uint8 images and pixel_values go together (the input "
+                                f"value of each byte value, e.g. data.pixel_values()); got {x.dtype} images and "
+                                f"{'no' if pixel_values is None else 'a'} pixel_values")
+            if pixel_values.shape != (256,) or pixel_values.dtype != first.dtype or pixel_values.device != first.device:
+                raise TypeError(f"FusedTrainer.{method}: expected pixel_values of shape (256,) with the parameters' "
+                                f"dtype and device ({first.dtype} on {first.device}), got shape "
+                                f"{tuple(pixel_values.shape)}, {pixel_values.dtype} on {pixel_values.device}")
+            if x.device != first.device:
+                raise TypeError(f"FusedTrainer.{method}: expected images on the parameters' device ({first.device}), "
+                                f"got {x.device}")
+        elif x.dtype != first.dtype or x.device != first.device:
             raise TypeError(f"FusedTrainer.{method}: expected images of the parameters' dtype and device "
                             f"({first.dtype} on {first.device}), got {x.dtype} on {x.device}")
         if labels.dtype == torch.uint8:  # as F.cross_entropy, which also takes uint8 class indices

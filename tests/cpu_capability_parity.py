@@ -138,6 +138,24 @@ def sgd_update_cases():
             assert not mismatches, f"{optimizer} update {config} {dtype}: {mismatches} differ from torch.optim's"
 
 
+def pixel_epoch_cases():
+    # uint8 images through their pixel map (the vector gathers of map_bytes): the epoch of the mapped images
+    for dtype, features in itertools.product([torch.float32, torch.float64], [20, 37]):
+        g = torch.Generator().manual_seed(1)
+        pixels = torch.randint(0, 256, (50, features), generator=g, dtype=torch.uint8)
+        labels, table = torch.randint(0, 10, (50,), generator=g), torch.randn(256, generator=g, dtype=dtype)
+        torch.manual_seed(0)
+        ref = nn.Sequential(nn.Linear(features, 16), nn.ReLU(), nn.Linear(16, 10)).to(dtype)
+        model = copy.deepcopy(ref)
+        order = torch.randperm(50, generator=g)
+        expected, _ = FusedTrainer(ref, lr=0.1, momentum=0.9).fit_epoch(table[pixels.long()], labels, 16, order=order)
+        ours, _ = FusedTrainer(model, lr=0.1, momentum=0.9).fit_epoch(pixels, labels, 16, order=order,
+                                                                       pixel_values=table)
+        assert torch.equal(ours, expected), f"uint8 epoch {dtype} {features} features: losses differ"
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters())), \
+            f"uint8 epoch {dtype} {features} features: parameters differ"
+
+
 def main(expected):
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -148,7 +166,8 @@ def main(expected):
     log_softmax_cases()
     train_step_cases()
     sgd_update_cases()
-    print(f"cpu kernels '{in_use}': cross_entropy, linear_relu, log_softmax, train step and SGD update match stock")
+    pixel_epoch_cases()
+    print(f"cpu kernels '{in_use}': cross_entropy, linear_relu, log_softmax, train step, SGD update and uint8 epoch match stock")
 
 
 if __name__ == "__main__":

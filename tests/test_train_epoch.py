@@ -337,3 +337,135 @@ def test_cli_epoch_of_fused_step_is_the_step_loop(monkeypatch):
     assert seen == progress.samples == 300
     torch.testing.assert_close(loss_sum, ref_sum, rtol=1e-12, atol=0)
     assert_equal_state(model, ref, trainer, loop_trainer)
+
+
+# ---- uint8 images through their pixel map ----
+
+def pixel_dataset(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8),
+            torch.randint(0, 10, (n,), generator=g))
+
+
+def test_pixel_values_are_normalize_of_each_byte_value():
+    every = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(mnist_data.pixel_values(), mnist_data.normalize(every))
+    pixels, _ = pixel_dataset(3)
+    assert torch.equal(mnist_data.pixel_values()[pixels.long()], mnist_data.normalize(pixels))
+    assert mnist_data.pixel_values(torch.float64).dtype == torch.float64
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])  # the epoch op, and the loop of steps
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_uint8_images_train_as_their_mapped_values_bit_for_bit(optimizer, dtype):
+    pixels, labels = pixel_dataset(300)
+    table = torch.randn(256, generator=seeded(5), dtype=dtype)  # any map, not only normalize's
+    images = table[pixels.long()]
+    config = dict(lr=0.05, momentum=0.9) if optimizer == "sgd" else dict(lr=1e-3, optimizer="adam")
+    ref, model = mlp(dtype=dtype), mlp(dtype=dtype)
+    ref_trainer, trainer = FusedTrainer(ref, **config), FusedTrainer(model, **config)
+    for epoch, chunk in enumerate((None, 2)):
+        ref_losses, ref_correct = ref_trainer.fit_epoch(images, labels, 64, seeded(epoch), chunk=chunk)
+        losses, correct = trainer.fit_epoch(pixels, labels, 64, seeded(epoch), chunk=chunk, pixel_values=table)
+        assert torch.equal(losses, ref_losses) and torch.equal(correct, ref_correct)
+        assert losses.dtype == dtype
+        assert_equal_state(model, ref)
+
+
+def test_uint8_rows_of_any_length_and_a_strided_order():
+    # rows that are no whole number of vectors, and the op's fallback for a non-contiguous order
+    sizes = (37, 8, 10)
+    pixels = torch.randint(0, 256, (50, 37), generator=seeded(2), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (50,), generator=seeded(3))
+    table = mnist_data.pixel_values()
+    ref, model = mlp(sizes), mlp(sizes)
+    order = torch.randperm(100, generator=seeded(4))[::2] // 2
+    ref_losses, _ = FusedTrainer(ref, lr=0.1).fit_epoch(table[pixels.long()], labels, 16, order=order)
+    losses, _ = FusedTrainer(model, lr=0.1).fit_epoch(pixels, labels, 16, order=order, pixel_values=table)
+    assert torch.equal(losses, ref_losses)
+    assert_equal_state(model, ref)
+
+
+@pytest.mark.parametrize("images, table, match", [
+    ("pixels", None, "uint8 images and pixel_values go together"),
+    ("float", "table", "uint8 images and pixel_values go together"),
+    ("pixels", torch.zeros(255), r"pixel_values of shape \(256,\)"),
+    ("pixels", torch.zeros(256, dtype=torch.float64), r"pixel_values of shape \(256,\) with the parameters' dtype"),
+])
+def test_bad_pixel_input_is_a_clear_error_before_any_update(images, table, match):
+    pixels, labels = pixel_dataset(40)
+    images = pixels if images == "pixels" else mnist_data.normalize(pixels)
+    table = mnist_data.pixel_values() if isinstance(table, str) else table
+    model, before = mlp(), mlp()
+    with pytest.raises(TypeError, match=match):
+        FusedTrainer(model, lr=0.1, momentum=0.9).fit_epoch(images, labels, 16, seeded(0), pixel_values=table)
+    assert_equal_state(model, before)
+
+
+def test_op_checks_its_pixel_values():
+    params = [p.detach() for p in mlp().parameters()]
+    pixels, labels = pixel_dataset(8)
+    x, order, lr = pixels.flatten(1), torch.arange(8), torch.full((2,), 0.1, dtype=torch.float64)
+    op = torch.ops.mnist_fast.train_epoch_sgd
+
+    def call(images, table):
+        return op(images, labels, order, 4, lr, params, [], 0.0, 0.0, 0.0, False, False, -100, 0.0, table)
+
+    before = [p.clone() for p in params]
+    with pytest.raises(TypeError, match="uint8 images need pixel_values"):
+        call(x, None)
+    with pytest.raises(TypeError, match="pixel_values maps uint8 images"):
+        call(mnist_data.normalize(x), mnist_data.pixel_values())
+    with pytest.raises(ValueError, match=r"pixel_values of shape \(256,\)"):
+        call(x, torch.zeros(2, 128))
+    with pytest.raises(TypeError, match="the parameters' dtype"):
+        call(x, torch.zeros(256, dtype=torch.float64))
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    losses, _ = call(x, mnist_data.pixel_values())
+    assert losses.dtype == torch.float32 and losses.shape == (2,)
+    empty, _ = op(x, labels, order[:0], 4, lr[:0], params, [], 0.0, 0.0, 0.0, False, False, -100, 0.0,
+                  mnist_data.pixel_values())
+    assert empty.dtype == torch.float32 and empty.shape == (0,)
+
+
+def test_opcheck_with_pixel_values():
+    params = [p.detach().double() for p in mlp((5, 6, 3)).parameters()]
+    x, y = torch.randint(0, 256, (9, 5), dtype=torch.uint8), torch.randint(0, 3, (9,))
+    lr = torch.full((3,), 0.1, dtype=torch.float64)
+    opcheck(torch.ops.mnist_fast.train_epoch_sgd.default,
+            (x, y, torch.randperm(9), 4, lr, params, [torch.zeros_like(p) for p in params], 0.9, 0.0, 0.0, False,
+             False, -100, 0.0, torch.randn(256, dtype=torch.float64)))
+
+
+def test_split_keeps_its_pixels_through_head_take_and_to():
+    pixels, labels = pixel_dataset(20)
+    split = mnist_data.Split(mnist_data.normalize(pixels).unsqueeze(1), labels, pixels)
+    for part in (split.head(7), split.take(torch.tensor([3, 0, 19])), split.to("cpu")):
+        assert torch.equal(mnist_data.pixel_values()[part.pixels.long()].unsqueeze(1), part.images)
+    assert mnist_data.Split(split.images, labels).take(torch.tensor([1])).pixels is None
+
+
+def test_cli_epoch_trains_from_the_pixels_as_from_the_images(monkeypatch):
+    pixels, labels = pixel_dataset(300)
+    with_pixels = mnist_data.Split(mnist_data.normalize(pixels).unsqueeze(1), labels, pixels)
+    without = mnist_data.Split(with_pixels.images, labels)
+    models, seen_images = [], []
+    fit_epoch = FusedTrainer.fit_epoch
+    monkeypatch.setattr(FusedTrainer, "fit_epoch", lambda self, images, *a, **k: seen_images.append(images.dtype) or
+                        fit_epoch(self, images, *a, **k))
+
+    class Progress:
+        def update(self, n):
+            pass
+
+        def set_postfix(self, **kwargs):
+            pass
+
+    for split in (with_pixels, without):
+        batches = mnist_data.Batches(split, 64, seed=4)
+        model = mlp()
+        trainer = FusedTrainer(model, lr=0.05, momentum=0.9)
+        train.train_epoch(model, None, trainer, batches, torch.device("cpu"), Progress())
+        models.append(model)
+    assert seen_images == [torch.uint8, torch.float32]
+    assert_equal_state(*models)

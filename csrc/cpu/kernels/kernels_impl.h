@@ -980,12 +980,33 @@ void adam(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, int64_t n,
   else adam_pass<scalar_t, false, false>(p, g, m, v, n, o);
 }
 
+// ---- byte lookup: dst[i] = table[src[i]] (uint8 images through a 256-entry pixel map) ----
+
+template <typename scalar_t>
+void map_bytes(scalar_t* dst, const uint8_t* src, int64_t n, const scalar_t* table) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {  // a hardware gather from the table (1 KB: in L1)
+#if defined(CPU_CAPABILITY_AVX512)
+    for (; i + 16 <= n; i += 16) {
+      const __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+      _mm512_storeu_ps(dst + i, _mm512_i32gather_ps(index, table, sizeof(float)));
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    for (; i + 8 <= n; i += 8) {
+      const __m256i index = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i)));
+      _mm256_storeu_ps(dst + i, _mm256_i32gather_ps(table, index, sizeof(float)));
+    }
+#endif
+  }
+  for (; i < n; ++i) dst[i] = table[src[i]];
+}
+
 template <typename scalar_t>
 Kernels<scalar_t> make_kernels() {
   return {&CrossEntropyKernels<scalar_t>::forward, &CrossEntropyKernels<scalar_t>::backward,
           &CrossEntropyKernels<scalar_t>::forward_backward, &CrossEntropyKernels<scalar_t>::log_softmax,
           &CrossEntropyKernels<scalar_t>::log_softmax_backward, &bias_relu<scalar_t>, &mask_grad<scalar_t>,
-          &sgd<scalar_t>, &adam<scalar_t>};
+          &sgd<scalar_t>, &adam<scalar_t>, &map_bytes<scalar_t>};
 }
 
 const KernelTable& table() {
