@@ -353,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward_au
   return cross_entropy_forward_backward(input, target, weight, reduction, ignore_index, label_smoothing);
 }
 
-// ---- the optimizer ops (train_step_sgd, train_epoch_sgd) ----
+// ---- the optimizer ops (train_step_sgd, train_epoch_sgd, train_epoch_adam) ----
 // Such an op is an optimizer step: it updates parameters (leaves that require grad) in place and
 // its outputs have no gradient, like torch.optim.SGD.step() under no_grad. Its autograd kernel runs
 // it below autograd (so the steps of an epoch skip their own autograd kernel) and bumps the version
@@ -404,6 +404,7 @@ constexpr char kTrainStepSgd[] = "mnist_fast.train_step_sgd";
 using TrainStepAutograd = OptimizerAutograd<train_step_sgd, kTrainStepSgd>;
 // The epoch's steps run below autograd too: they see no tangent (none is refused, as before).
 using TrainEpochAutograd = OptimizerAutograd<train_epoch_sgd, nullptr>;
+using TrainEpochAdamAutograd = OptimizerAutograd<train_epoch_adam, nullptr>;
 
 // The gradients alone: no derivative either; only the workspace is written.
 std::tuple<at::Tensor, at::Tensor> train_step_grads_autograd(const at::Tensor& input, const at::Tensor& target,
@@ -423,6 +424,7 @@ std::tuple<at::Tensor, at::Tensor> train_step_grads_autograd(const at::Tensor& i
 TORCH_LIBRARY_IMPL(mnist_fast, Autograd, m) {
   m.impl("train_step_sgd", TORCH_FN(TrainStepAutograd::call));
   m.impl("train_epoch_sgd", TORCH_FN(TrainEpochAutograd::call));
+  m.impl("train_epoch_adam", TORCH_FN(TrainEpochAdamAutograd::call));
   m.impl("train_step_grads", TORCH_FN(train_step_grads_autograd));
   m.impl("linear_relu", TORCH_FN(linear_relu_autograd));
   m.impl("cross_entropy_forward", TORCH_FN(cross_entropy_forward_autograd));

@@ -100,6 +100,16 @@ std::tuple<at::Tensor, at::Tensor> train_epoch_sgd(const at::Tensor& images, con
                                                    bool nesterov, bool first_step, int64_t ignore_index,
                                                    double label_smoothing,
                                                    const std::optional<at::Tensor>& pixel_values = std::nullopt);
+// The same epoch with torch.optim.Adam's (AdamW's) steps: batch s's gradients (train_step_grads),
+// then adam_update of params, exp_avgs and exp_avg_sqs at step count step + s + 1 with lr[s].
+std::tuple<at::Tensor, at::Tensor> train_epoch_adam(const at::Tensor& images, const at::Tensor& labels,
+                                                    const at::Tensor& order, int64_t batch_size, const at::Tensor& lr,
+                                                    at::TensorList params, at::TensorList exp_avgs,
+                                                    at::TensorList exp_avg_sqs, int64_t step, double beta1,
+                                                    double beta2, double eps, double weight_decay,
+                                                    bool decoupled_weight_decay, int64_t ignore_index,
+                                                    double label_smoothing,
+                                                    const std::optional<at::Tensor>& pixel_values = std::nullopt);
 
 // ---- Adam / AdamW update (cpu/adam.cpp) ----
 

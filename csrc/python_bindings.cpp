@@ -80,6 +80,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("params"), py::arg("momentum_buffers"), py::arg("momentum"), py::arg("dampening"),
         py::arg("weight_decay"), py::arg("nesterov"), py::arg("first_step"), py::arg("ignore_index"),
         py::arg("label_smoothing"), py::arg("pixel_values") = py::none(), py::call_guard<py::gil_scoped_release>());
+  m.def("train_epoch_adam",
+        [](const at::Tensor& images, const at::Tensor& labels, const at::Tensor& order, int64_t batch_size,
+           const at::Tensor& lr, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& exp_avgs,
+           const std::vector<at::Tensor>& exp_avg_sqs, int64_t step, double beta1, double beta2, double eps,
+           double weight_decay, bool decoupled_weight_decay, int64_t ignore_index, double label_smoothing,
+           const std::optional<at::Tensor>& pixel_values) {
+          return mnist_fast::train_epoch_adam(images, labels, order, batch_size, lr, params, exp_avgs, exp_avg_sqs,
+                                              step, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+                                              ignore_index, label_smoothing, pixel_values);
+        },
+        "the Adam steps of an epoch (batches gathered by order, lr per step) in place; returns (losses, correct)",
+        py::arg("images"), py::arg("labels"), py::arg("order"), py::arg("batch_size"), py::arg("lr"),
+        py::arg("params"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("step"), py::arg("beta1"),
+        py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled_weight_decay"),
+        py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("pixel_values") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
   // ---- Adam / AdamW update (cpu/adam.cpp) ----
   m.def("adam_update",
         [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,

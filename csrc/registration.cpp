@@ -156,6 +156,19 @@ std::tuple<at::Tensor, at::Tensor> train_epoch_sgd(const at::Tensor& images, con
                  nesterov, first_step, ignore_index, label_smoothing, pixel_values);
 }
 
+std::tuple<at::Tensor, at::Tensor> train_epoch_adam(const at::Tensor& images, const at::Tensor& labels,
+                                                    const at::Tensor& order, int64_t batch_size, const at::Tensor& lr,
+                                                    at::TensorList params, at::TensorList exp_avgs,
+                                                    at::TensorList exp_avg_sqs, int64_t step, double beta1,
+                                                    double beta2, double eps, double weight_decay,
+                                                    bool decoupled_weight_decay, int64_t ignore_index,
+                                                    double label_smoothing,
+                                                    const std::optional<at::Tensor>& pixel_values) {
+  MNIST_FAST_OP("train_epoch_adam", decltype(train_epoch_adam));
+  return op.call(images, labels, order, batch_size, lr, params, exp_avgs, exp_avg_sqs, step, beta1, beta2, eps,
+                 weight_decay, decoupled_weight_decay, ignore_index, label_smoothing, pixel_values);
+}
+
 TORCH_LIBRARY_FRAGMENT(mnist_fast, m) {
   // The steps of an SGD epoch: batch s = images[order[s*batch_size:(s+1)*batch_size]] trained by
   // train_step_sgd with lr[s] (uint8 images: pixel_values[images[...]]); params and momentum_buffers
@@ -165,6 +178,13 @@ TORCH_LIBRARY_FRAGMENT(mnist_fast, m) {
       " Tensor(a!)[] params, Tensor(b!)[] momentum_buffers, float momentum, float dampening, float weight_decay,"
       " bool nesterov, bool first_step, int ignore_index, float label_smoothing, Tensor? pixel_values=None)"
       " -> (Tensor losses, Tensor correct)");
+  // The same epoch with Adam's (AdamW's) steps: train_step_grads, then adam_update at step count
+  // step + s + 1 (step: the steps the state already took).
+  m.def(
+      "train_epoch_adam(Tensor images, Tensor labels, Tensor order, int batch_size, Tensor lr,"
+      " Tensor(a!)[] params, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, int step, float beta1, float beta2,"
+      " float eps, float weight_decay, bool decoupled_weight_decay, int ignore_index, float label_smoothing,"
+      " Tensor? pixel_values=None) -> (Tensor losses, Tensor correct)");
 }
 
 // ---- Adam / AdamW update (kernel: cpu/adam.cpp) ----

@@ -157,11 +157,13 @@ void gather_rows(at::Tensor& x, const at::Tensor& x_all, const at::Tensor& index
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> train_epoch_sgd_kernel(
-    const at::Tensor& images, const at::Tensor& labels, const at::Tensor& order, int64_t batch_size,
-    const at::Tensor& lr, at::TensorList params, at::TensorList momentum_buffers, double momentum, double dampening,
-    double weight_decay, bool nesterov, bool first_step, int64_t ignore_index, double label_smoothing,
-    const std::optional<at::Tensor>& pixel_values) {
+// The epoch loop of every optimizer: checks, then per step the gather into one reused buffer and
+// step(x, targets, workspace, lr, s) -> (loss, correct), the optimizer's step on batch s.
+template <typename Step>
+std::tuple<at::Tensor, at::Tensor> run_epoch(const at::Tensor& images, const at::Tensor& labels,
+                                             const at::Tensor& order, int64_t batch_size, const at::Tensor& lr,
+                                             at::TensorList params, int64_t ignore_index,
+                                             const std::optional<at::Tensor>& pixel_values, const Step& step) {
   check_pixel_values(images, pixel_values, params);
   const at::Tensor targets = epoch_targets(images, labels, order, batch_size, lr, params, ignore_index);
   const int64_t samples = order.size(0);
@@ -189,9 +191,7 @@ std::tuple<at::Tensor, at::Tensor> train_epoch_sgd_kernel(
       workspace = train_step_workspace(x, params);
       workspace_rows = rows;
     }
-    auto [loss, hits] = train_step_sgd(x, targets.narrow(0, start, rows), params, momentum_buffers, workspace,
-                                       lrs[s], momentum, dampening, weight_decay, nesterov, first_step && s == 0,
-                                       ignore_index, label_smoothing);
+    auto [loss, hits] = step(x, targets.narrow(0, start, rows), workspace, lrs[s], s);
     losses.push_back(std::move(loss));
     correct.push_back(std::move(hits));
   }
@@ -199,11 +199,44 @@ std::tuple<at::Tensor, at::Tensor> train_epoch_sgd_kernel(
   return {at::stack(losses), at::stack(correct)};
 }
 
+std::tuple<at::Tensor, at::Tensor> train_epoch_sgd_kernel(
+    const at::Tensor& images, const at::Tensor& labels, const at::Tensor& order, int64_t batch_size,
+    const at::Tensor& lr, at::TensorList params, at::TensorList momentum_buffers, double momentum, double dampening,
+    double weight_decay, bool nesterov, bool first_step, int64_t ignore_index, double label_smoothing,
+    const std::optional<at::Tensor>& pixel_values) {
+  return run_epoch(images, labels, order, batch_size, lr, params, ignore_index, pixel_values,
+                   [&](const at::Tensor& x, const at::Tensor& y, at::TensorList workspace, double step_lr, int64_t s) {
+                     return train_step_sgd(x, y, params, momentum_buffers, workspace, step_lr, momentum, dampening,
+                                           weight_decay, nesterov, first_step && s == 0, ignore_index,
+                                           label_smoothing);
+                   });
+}
+
+// Adam's steps: the gradients (train_step_grads, into the workspace's last tensors), then one
+// adam_update of every parameter at step count step + s + 1.
+std::tuple<at::Tensor, at::Tensor> train_epoch_adam_kernel(
+    const at::Tensor& images, const at::Tensor& labels, const at::Tensor& order, int64_t batch_size,
+    const at::Tensor& lr, at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs, int64_t step,
+    double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay, int64_t ignore_index,
+    double label_smoothing, const std::optional<at::Tensor>& pixel_values) {
+  TORCH_CHECK_VALUE(step >= 0, "mnist_fast.train_epoch_adam: step (the steps already taken) must be >= 0, got ",
+                    step);
+  return run_epoch(images, labels, order, batch_size, lr, params, ignore_index, pixel_values,
+                   [&](const at::Tensor& x, const at::Tensor& y, at::TensorList workspace, double step_lr, int64_t s) {
+                     auto result = train_step_grads(x, y, params, workspace, ignore_index, label_smoothing);
+                     const at::TensorList grads = workspace.slice(workspace.size() - params.size());
+                     adam_update(params, grads, exp_avgs, exp_avg_sqs, step + s + 1, step_lr, beta1, beta2, eps,
+                                 weight_decay, decoupled_weight_decay);
+                     return result;
+                   });
+}
+
 }  // namespace
 
-// Every backend: the op only gathers and calls the step, which dispatches to its own kernels.
+// Every backend: the ops only gather and call the step, which dispatches to its own kernels.
 TORCH_LIBRARY_IMPL(mnist_fast, CompositeExplicitAutograd, m) {
   m.impl("train_epoch_sgd", TORCH_FN(train_epoch_sgd_kernel));
+  m.impl("train_epoch_adam", TORCH_FN(train_epoch_adam_kernel));
 }
 
 }  // namespace mnist_fast

@@ -1,16 +1,18 @@
 """FusedTrainer.fit_epoch: a whole epoch of training steps, batch gather included, in a few calls of
-the train_epoch_sgd op (SGD on one process) or as the loop of steps (Adam, an all-reduce, a frozen
-parameter)."""
-from typing import Callable, List, Optional, Sequence, Tuple
+the train_epoch_sgd or train_epoch_adam op (on one process, every parameter trained) or as the loop
+of steps (an all-reduce, a frozen parameter)."""
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from ._adam import check_adam
 from ._ops import fast_path
 
 __all__ = ["EpochSteps"]
 
 _train_epoch_sgd = fast_path("train_epoch_sgd")
+_train_epoch_adam = fast_path("train_epoch_adam")
 
 
 class EpochSteps:
@@ -31,9 +33,9 @@ class EpochSteps:
                 index = order[start:start + batch_size]
                 trainer.step(images[index], labels[index])   # with lr = lr_schedule[s] when given
 
-        For SGD on one process the steps (batch gather included) run in C++, ``chunk`` steps per call
-        (default: all of them in one call); otherwise (Adam, an all-reduce, a frozen parameter) it is
-        that loop. images: (N, ...) on the parameters' device and of their dtype (all the training
+        On one process with every parameter trained, the steps (batch gather included) run in C++,
+        ``chunk`` steps per call (default: all of them in one call); otherwise (an all-reduce, a frozen
+        parameter, Adam state at different step counts) it is that loop. images: (N, ...) on the parameters' device and of their dtype (all the training
         data, e.g. a normalized Split); labels: (N,) class indices. order: the sample order to use
         instead of a permutation drawn with ``generator`` (any 1-D index tensor, e.g.
         data.Batches.indices()). lr_schedule: one learning rate per step; trainer.lr (unchanged)
@@ -69,32 +71,78 @@ class EpochSteps:
         chunk = chunk or max(steps, 1)
         params = self._current_params()
         fused = self._fused_sgd(params)
-        if fused is None:
+        adam = self._fused_adam(params) if fused is None else None
+        if fused is None and adam is None:
             return self._fit_epoch_steps(x, labels, order, batch_size, lrs.tolist(), chunk, on_chunk, pixel_values)
         if chunk < steps:  # each call checks its own steps; a bad target in a later one must fail before the first
             self._check_epoch(x, labels, order, batch_size)
+        if adam is not None and steps:
+            check_adam({**self.param_groups[0], "lr": float(lrs.max())})  # every step's options, up front
         losses, correct = [], []
         for first in range(0, max(steps, 1), chunk):
             last = min(first + chunk, steps)
             part = order[first * batch_size:last * batch_size]
-            buffers, first_step = fused
             group = self.param_groups[0]
-            chunk_losses, chunk_correct = _train_epoch_sgd(
-                x, labels, part, batch_size, lrs[first:last], params, buffers, group["momentum"], group["dampening"],
-                group["weight_decay"], group["nesterov"], first_step, self.ignore_index, self.label_smoothing,
-                pixel_values)
-            if first_step and last > first:  # only once an update went through
-                self._store_buffers(params, buffers)
-                fused = self._fused_sgd(params)
+            if adam is not None:
+                chunk_losses, chunk_correct = self._adam_epoch_call(x, labels, part, batch_size, lrs[first:last],
+                                                                    params, adam, pixel_values)
+            else:
+                buffers, first_step = fused
+                chunk_losses, chunk_correct = _train_epoch_sgd(
+                    x, labels, part, batch_size, lrs[first:last], params, buffers, group["momentum"],
+                    group["dampening"], group["weight_decay"], group["nesterov"], first_step, self.ignore_index,
+                    self.label_smoothing, pixel_values)
+                if first_step and last > first:  # only once an update went through
+                    self._store_buffers(params, buffers)
+                    fused = self._fused_sgd(params)
             losses.append(chunk_losses)
             correct.append(chunk_correct)
             if on_chunk is not None:
                 on_chunk(part.shape[0], chunk_losses, chunk_correct)
         return torch.cat(losses), torch.cat(correct)
 
+    def _fused_adam(self, params: List[Tensor]) -> Optional[List[Dict[str, Any]]]:
+        """Adam's state entries of params (new ones for parameters without state) for the train_epoch_adam
+        op, or None where it cannot run: SGD, an all-reduce, a frozen parameter, parameters at different
+        step counts."""
+        if self.optimizer == "sgd" or self._world_size > 1 or not all([p.requires_grad for p in params]):
+            return None
+        entries = []
+        for p in params:
+            entry = self.state.get(p)
+            if not entry:
+                with torch.inference_mode(False):  # as adam_update creates it; stored once an update went through
+                    entry = dict(step=torch.tensor(0.0),
+                                 exp_avg=torch.zeros_like(p, memory_format=torch.contiguous_format),
+                                 exp_avg_sq=torch.zeros_like(p, memory_format=torch.contiguous_format))
+            for key in ("exp_avg", "exp_avg_sq"):  # the model was moved or cast: keep the state, as Adam does
+                t = entry[key]
+                if t.dtype != p.dtype or t.device != p.device or not t.is_contiguous():
+                    entry[key] = t.to(p, memory_format=torch.contiguous_format)
+            entries.append(entry)
+        if len({float(e["step"]) for e in entries}) != 1:
+            return None
+        return entries
+
+    def _adam_epoch_call(self, x, labels, part, batch_size, lrs, params, entries, pixel_values):
+        """One call of the train_epoch_adam op over the steps of part; the state entries are stored (and
+        their step counts advanced) once it went through."""
+        group = self.param_groups[0]
+        beta1, beta2 = group["betas"]
+        losses, correct = _train_epoch_adam(
+            x, labels, part, batch_size, lrs, params, [e["exp_avg"] for e in entries],
+            [e["exp_avg_sq"] for e in entries], int(entries[0]["step"]), beta1, beta2, group["eps"],
+            group["weight_decay"], group["decoupled_weight_decay"], self.ignore_index, self.label_smoothing,
+            pixel_values)
+        if lrs.shape[0]:
+            for p, e in zip(params, entries):
+                self.state[p] = e
+            torch._foreach_add_([e["step"] for e in entries], float(lrs.shape[0]))
+        return losses, correct
+
     def _fit_epoch_steps(self, x: Tensor, labels: Tensor, order: Tensor, batch_size: int, lrs: List[float],
                          chunk: int, on_chunk, pixel_values: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        """fit_epoch as its loop of steps (Adam, an all-reduce, a frozen parameter)."""
+        """fit_epoch as its loop of steps (an all-reduce, a frozen parameter, Adam state at different step counts)."""
         self._check_epoch(x, labels, order, batch_size, strict=True)
         params = self._current_params()
         losses, correct = [], []

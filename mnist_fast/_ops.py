@@ -287,6 +287,14 @@ def _train_epoch_sgd_fake(images, labels, order, batch_size, lr, params, momentu
     return losses, images.new_empty((steps,), dtype=torch.int64)
 
 
+@torch.library.register_fake("mnist_fast::train_epoch_adam")
+def _train_epoch_adam_fake(images, labels, order, batch_size, lr, params, exp_avgs, exp_avg_sqs, step, beta1, beta2,
+                           eps, weight_decay, decoupled_weight_decay, ignore_index, label_smoothing,
+                           pixel_values=None):
+    return _train_epoch_sgd_fake(images, labels, order, batch_size, lr, params, [], 0.0, 0.0, 0.0, False, False,
+                                 ignore_index, label_smoothing, pixel_values)
+
+
 # ---- Adam / AdamW update (csrc/cpu/adam.cpp) ----
 # adam_update mutates params, exp_avgs and exp_avg_sqs in place and returns nothing.
 

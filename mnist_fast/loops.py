@@ -62,7 +62,7 @@ def train_epoch(model, criterion, optimizer, batches, device, progress):
 
 def _fit_epoch(trainer: FusedTrainer, batches: mnist_data.Batches, progress):
     """train_epoch's loop run by FusedTrainer.fit_epoch: the same batches and updates, reported every 100
-    steps (for SGD on one process, 100 steps per call of the fused epoch op)."""
+    steps (on one process with every parameter trained, 100 steps per call of a fused epoch op)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=batches.split.labels.device)
     seen = 0
 

@@ -202,3 +202,80 @@ def test_op_checks_and_opcheck():
         op(params, grads, m, v, 0, 1e-3, 0.9, 0.999, 1e-8, 0.0, False)
     opcheck(op.default, (params, grads, m, v, 3, 1e-3, 0.9, 0.999, 1e-8, 1e-2, True))
     opcheck(op.default, (params, grads, m, v, 1, 1e-3, 0.9, 0.999, 1e-8, 1e-2, False))
+
+
+@pytest.mark.parametrize("optimizer, options", [("adam", {}), ("adam", dict(weight_decay=1e-2, betas=(0.5, 0.9))),
+                                                ("adamw", {})])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fit_epoch_runs_the_epoch_op_as_the_step_loop(optimizer, options, dtype, monkeypatch):
+    from mnist_fast import _epoch
+    calls = []
+    op = _epoch._train_epoch_adam
+    monkeypatch.setattr(_epoch, "_train_epoch_adam", lambda *args: calls.append(1) or op(*args))
+    images, labels = torch.randn(150, 784, dtype=dtype), torch.randint(0, 10, (150,))
+    torch.manual_seed(0)
+    a = stock_mlp().to(dtype)
+    b = copy.deepcopy(a)
+    looped = FusedTrainer(a, optimizer=optimizer, lr=1e-2, **options)
+    fitted = FusedTrainer(b, optimizer=optimizer, lr=1e-2, **options)
+    for epoch in range(2):  # the second from the state the first left
+        order = torch.randperm(150, generator=torch.Generator().manual_seed(epoch))
+        lrs = [1e-2 / (1 + s) for s in range(5)]
+        losses = []
+        for s, i in enumerate(range(0, 150, 32)):
+            looped.lr = lrs[s]
+            losses.append(looped.step(images[order[i:i + 32]], labels[order[i:i + 32]])[0])
+        fit_losses, _ = fitted.fit_epoch(images, labels, 32, order=order, lr_schedule=lrs, chunk=2 + epoch)
+        assert torch.equal(fit_losses, torch.stack(losses))
+    assert len(calls) == 3 + 2
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    ours, ref = fitted.state_dict()["state"], looped.state_dict()["state"]
+    for k in ref:
+        assert float(ours[k]["step"]) == float(ref[k]["step"]) == 10
+        assert torch.equal(ours[k]["exp_avg"], ref[k]["exp_avg"]) and torch.equal(ours[k]["exp_avg_sq"],
+                                                                                  ref[k]["exp_avg_sq"])
+
+
+def test_adam_epoch_with_a_bad_target_leaves_no_state():
+    trainer = FusedTrainer(stock_mlp(), optimizer="adam")
+    before = copy.deepcopy(trainer.state_dict())
+    for chunk in (None, 1):
+        with pytest.raises(IndexError, match="Target 10 is out of bounds"):
+            trainer.fit_epoch(torch.randn(8, 784), torch.tensor([0, 1, 2, 3, 4, 5, 6, 10]), 4,
+                              order=torch.arange(8), chunk=chunk)
+    assert trainer.state_dict() == before and trainer.state == {}
+
+
+def test_adam_state_at_different_step_counts_takes_the_step_loop():
+    # a layer frozen for a step lags one step behind: fit_epoch is then the loop of steps, as stock Adam
+    images, labels = torch.randn(64, 784), torch.randint(0, 10, (64,))
+    torch.manual_seed(0)
+    a = stock_mlp()
+    b = copy.deepcopy(a)
+    trainers = [FusedTrainer(m, optimizer="adam", lr=1e-2) for m in (a, b)]
+    for model, trainer in zip((a, b), trainers):
+        model[0].weight.requires_grad_(False)
+        trainer.step(images[:32], labels[:32])
+        model[0].weight.requires_grad_(True)
+    order = torch.arange(64)
+    ref = torch.stack([trainers[0].step(images[i:i + 16], labels[i:i + 16])[0] for i in range(0, 64, 16)])
+    losses, _ = trainers[1].fit_epoch(images, labels, 16, order=order)
+    assert torch.equal(losses, ref)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_adam_epoch_op_checks_and_opcheck():
+    params = [p.detach().double() for p in stock_mlp().parameters()]
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    x, y = torch.randn(9, 784, dtype=torch.float64), torch.randint(0, 10, (9,))
+    lr = torch.full((3,), 1e-3, dtype=torch.float64)
+    op = torch.ops.mnist_fast.train_epoch_adam
+    with pytest.raises(ValueError, match="step .* must be >= 0"):
+        op(x, y, torch.arange(9), 4, lr, params, m, v, -1, 0.9, 0.999, 1e-8, 0.0, False, -100, 0.0)
+    with pytest.raises(ValueError, match="exp_avg_sq 1 to be contiguous of shape"):
+        op(x, y, torch.arange(9), 4, lr, params, m, [v[0], torch.zeros(3, dtype=torch.float64)] + v[2:], 0, 0.9,
+           0.999, 1e-8, 0.0, False, -100, 0.0)
+    assert all(not t.any() for t in m + v)
+    opcheck(op.default, (x, y, torch.randperm(9), 4, lr, params, m, v, 2, 0.9, 0.999, 1e-8, 1e-2, True, -100, 0.1))

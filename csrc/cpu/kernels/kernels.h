@@ -88,7 +88,7 @@ struct Kernels {
   // n elements of torch.optim.Adam's (AdamW's) update, given the gradient.
   void (*adam)(scalar_t* param, const scalar_t* grad, scalar_t* exp_avg, scalar_t* exp_avg_sq, int64_t n,
                const row_math::AdamOptions<acc_t>& options);
-  // dst[i] = table[src[i]] for n bytes (train_epoch_sgd's uint8 images through their pixel map).
+  // dst[i] = table[src[i]] for n bytes (the epoch ops' uint8 images through their pixel map).
   void (*map_bytes)(scalar_t* dst, const uint8_t* src, int64_t n, const scalar_t* table);
 };
 
