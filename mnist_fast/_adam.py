@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ._ops import fast_path
 
-__all__ = ["OPTIMIZERS", "ADAM_DEFAULTS", "adam_defaults", "check_adam", "adam_update"]
+__all__ = ["OPTIMIZERS", "ADAM_DEFAULTS", "adam_defaults", "check_adam", "adam_entry", "adam_update"]
 
 _adam_update = fast_path("adam_update")
 
@@ -49,22 +49,25 @@ def check_adam(group: Dict[str, Any]) -> None:
             raise ValueError(f"FusedTrainer: {option}=True is not supported")
 
 
+def adam_entry(entry: Dict[str, Any], p: Tensor) -> Dict[str, Any]:
+    """entry, p's Adam state, ready for a step of p (updated in place and returned): created empty as
+    Adam creates it at p's first step (step 0, zero moments), its moments in p's dtype and device."""
+    if not entry:
+        with torch.inference_mode(False):  # a later step outside inference mode writes to them
+            entry.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p, memory_format=torch.contiguous_format),
+                         exp_avg_sq=torch.zeros_like(p, memory_format=torch.contiguous_format))
+    for key in ("exp_avg", "exp_avg_sq"):  # the model was moved or cast: keep the state, as Adam does
+        t = entry[key]
+        if t.dtype != p.dtype or t.device != p.device or not t.is_contiguous():
+            entry[key] = t.to(p, memory_format=torch.contiguous_format)
+    return entry
+
+
 def adam_update(state: Dict[Tensor, Dict[str, Any]], params: List[Tensor], grads: List[Tensor],
                 group: Dict[str, Any], lr: float) -> None:
     """torch.optim.Adam's step of params given their grads, with its per-parameter state (step,
     exp_avg, exp_avg_sq) in state, created at a parameter's first step as Adam creates it."""
-    entries = []
-    for p in params:
-        entry = state[p]
-        if not entry:
-            with torch.inference_mode(False):  # a later step outside inference mode writes to them
-                entry.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p, memory_format=torch.contiguous_format),
-                             exp_avg_sq=torch.zeros_like(p, memory_format=torch.contiguous_format))
-        for key in ("exp_avg", "exp_avg_sq"):  # the model was moved or cast: keep the state, as Adam does
-            t = entry[key]
-            if t.dtype != p.dtype or t.device != p.device or not t.is_contiguous():
-                entry[key] = t.to(p, memory_format=torch.contiguous_format)
-        entries.append(entry)
+    entries = [adam_entry(state[p], p) for p in params]
     # One fused call per step count (parameters frozen for a while lag behind the others).
     steps = torch.stack([e["step"] for e in entries]).tolist() if entries else []
     beta1, beta2 = group["betas"]

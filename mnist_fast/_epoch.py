@@ -6,7 +6,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._adam import check_adam
+from ._adam import adam_entry, check_adam
 from ._ops import fast_path
 
 __all__ = ["EpochSteps"]
@@ -107,19 +107,8 @@ class EpochSteps:
         step counts."""
         if self.optimizer == "sgd" or self._world_size > 1 or not all([p.requires_grad for p in params]):
             return None
-        entries = []
-        for p in params:
-            entry = self.state.get(p)
-            if not entry:
-                with torch.inference_mode(False):  # as adam_update creates it; stored once an update went through
-                    entry = dict(step=torch.tensor(0.0),
-                                 exp_avg=torch.zeros_like(p, memory_format=torch.contiguous_format),
-                                 exp_avg_sq=torch.zeros_like(p, memory_format=torch.contiguous_format))
-            for key in ("exp_avg", "exp_avg_sq"):  # the model was moved or cast: keep the state, as Adam does
-                t = entry[key]
-                if t.dtype != p.dtype or t.device != p.device or not t.is_contiguous():
-                    entry[key] = t.to(p, memory_format=torch.contiguous_format)
-            entries.append(entry)
+        # (a new entry is stored only once an update went through)
+        entries = [adam_entry(self.state.get(p) or {}, p) for p in params]
         if len({float(e["step"]) for e in entries}) != 1:
             return None
         return entries
