@@ -150,7 +150,8 @@ std::tuple<at::Tensor, at::Tensor> train_epoch_sgd(const at::Tensor& images, con
                                                    at::TensorList params, at::TensorList momentum_buffers,
                                                    double momentum, double dampening, double weight_decay,
                                                    bool nesterov, bool first_step, int64_t ignore_index,
-                                                   double label_smoothing, const std::optional<at::Tensor>& pixel_values) {
+                                                   double label_smoothing,
+                                                   const std::optional<at::Tensor>& pixel_values) {
   MNIST_FAST_OP("train_epoch_sgd", decltype(train_epoch_sgd));
   return op.call(images, labels, order, batch_size, lr, params, momentum_buffers, momentum, dampening, weight_decay,
                  nesterov, first_step, ignore_index, label_smoothing, pixel_values);

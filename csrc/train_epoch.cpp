@@ -168,16 +168,16 @@ std::tuple<at::Tensor, at::Tensor> run_epoch(const at::Tensor& images, const at:
   const at::Tensor targets = epoch_targets(images, labels, order, batch_size, lr, params, ignore_index);
   const int64_t samples = order.size(0);
   const int64_t steps = lr.size(0);
+  const at::TensorOptions input_options = pixel_values ? pixel_values->options() : images.options();
   if (steps == 0) {
-    return {at::empty({0}, pixel_values ? pixel_values->options() : images.options()), at::empty({0}, labels.options())};
+    return {at::empty({0}, input_options), at::empty({0}, labels.options())};
   }
   const at::Tensor x_all = images.flatten(1);  // a view when images are contiguous
   const at::Tensor lr_values = lr.contiguous();
   const double* lrs = lr_values.data_ptr<double>();
   // The batch buffer and the step's workspace are allocated once; only a last, smaller batch gets
   // a workspace of its own (the buffer's first rows serve as its input).
-  const at::Tensor batch = at::empty({std::min(batch_size, samples), x_all.size(1)},
-                                     pixel_values ? pixel_values->options() : x_all.options());
+  const at::Tensor batch = at::empty({std::min(batch_size, samples), x_all.size(1)}, input_options);
   std::vector<at::Tensor> workspace;
   int64_t workspace_rows = -1;
   std::vector<at::Tensor> losses, correct;

@@ -35,8 +35,9 @@ class EpochSteps:
 
         On one process with every parameter trained, the steps (batch gather included) run in C++,
         ``chunk`` steps per call (default: all of them in one call); otherwise (an all-reduce, a frozen
-        parameter, Adam state at different step counts) it is that loop. images: (N, ...) on the parameters' device and of their dtype (all the training
-        data, e.g. a normalized Split); labels: (N,) class indices. order: the sample order to use
+        parameter, Adam state at different step counts) it is that loop. images: (N, ...) on the
+        parameters' device and of their dtype (all the training data, e.g. a normalized Split), or
+        uint8 with pixel_values (below); labels: (N,) class indices. order: the sample order to use
         instead of a permutation drawn with ``generator`` (any 1-D index tensor, e.g.
         data.Batches.indices()). lr_schedule: one learning rate per step; trainer.lr (unchanged)
         otherwise. on_chunk(samples, losses, correct) is called after each ``chunk`` steps with the
@@ -131,7 +132,8 @@ class EpochSteps:
 
     def _fit_epoch_steps(self, x: Tensor, labels: Tensor, order: Tensor, batch_size: int, lrs: List[float],
                          chunk: int, on_chunk, pixel_values: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        """fit_epoch as its loop of steps (an all-reduce, a frozen parameter, Adam state at different step counts)."""
+        """fit_epoch as its loop of steps (an all-reduce, a frozen parameter, Adam state at different step
+        counts)."""
         self._check_epoch(x, labels, order, batch_size, strict=True)
         params = self._current_params()
         losses, correct = [], []
