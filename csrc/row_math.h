@@ -273,7 +273,8 @@ MNIST_FAST_HOST_DEVICE V sgd_param(V param, V direction, const SgdOptions<acc_t>
 //   m   = m.lerp(g, 1 - beta1)
 //   v   = (v * beta2) + (1 - beta2) * g * g
 //   param = param + (-step_size * m) / (sqrt(v) / sqrt(bias_correction2) + eps)
-// with sqrt as torch.sqrt computes it (kernels.h's torch_sqrt), step_size = lr / bias_correction1 and the bias corrections in double, as Python computes them.
+// with sqrt as torch.sqrt computes it (kernels.h's torch_sqrt), step_size = lr / bias_correction1
+// and the bias corrections in double, as Python computes them.
 
 template <typename acc_t>
 struct AdamOptions {

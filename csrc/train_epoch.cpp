@@ -134,10 +134,8 @@ void gather_rows(at::Tensor& x, const at::Tensor& x_all, const at::Tensor& index
   const int64_t ahead = std::max<int64_t>(3, kAheadBytes / std::max<int64_t>(row_bytes, 1));
   const auto* src = static_cast<const char*>(x_all.const_data_ptr());
   const int64_t* idx = index.const_data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "train_epoch_sgd_gather", [&] {
-    scalar_t* dst = x.data_ptr<scalar_t>();
-    const scalar_t* table = pixel_values ? pixel_values->const_data_ptr<scalar_t>() : nullptr;
-    const auto& map_bytes = cpu::kernels<scalar_t>().map_bytes;
+  // copy_row(i, row): row i of x from the row of x_all at idx[i]
+  auto gather = [&](const auto& copy_row) {
     at::parallel_for(0, index.size(0), kRowsPerTask, [&](int64_t first, int64_t last) {
       auto prefetch = [&](int64_t i) {
         const char* row = src + idx[i] * row_bytes;
@@ -146,13 +144,21 @@ void gather_rows(at::Tensor& x, const at::Tensor& x_all, const at::Tensor& index
       for (int64_t i = first; i < std::min(last, first + ahead); ++i) prefetch(i);
       for (int64_t i = first; i < last; ++i) {
         if (i + ahead < last) prefetch(i + ahead);
-        const char* row = src + idx[i] * row_bytes;
-        if (table) {
-          map_bytes(dst + i * cols, reinterpret_cast<const uint8_t*>(row), cols, table);
-        } else {
-          std::memcpy(dst + i * cols, row, row_bytes);
-        }
+        copy_row(i, src + idx[i] * row_bytes);
       }
+    });
+  };
+  if (!pixel_values) {
+    auto* dst = static_cast<char*>(x.data_ptr());
+    gather([&](int64_t i, const char* row) { std::memcpy(dst + i * row_bytes, row, row_bytes); });
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "train_epoch_gather", [&] {
+    scalar_t* dst = x.data_ptr<scalar_t>();
+    const scalar_t* table = pixel_values->const_data_ptr<scalar_t>();
+    const auto& map_bytes = cpu::kernels<scalar_t>().map_bytes;
+    gather([&](int64_t i, const char* row) {
+      map_bytes(dst + i * cols, reinterpret_cast<const uint8_t*>(row), cols, table);
     });
   });
 }

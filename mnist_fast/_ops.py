@@ -272,27 +272,30 @@ def _fused_mlp_backward_fake(grad_output, input, weights, hidden, output, output
 
 
 # ---- whole-epoch training (csrc/train_epoch.cpp) ----
-# train_epoch_sgd mutates params and momentum_buffers in place and returns one loss (input dtype)
-# and one correct count (int64) per step: ceil(len(order) / batch_size) steps.
+# train_epoch_sgd (train_epoch_adam) mutates params and momentum_buffers (exp_avgs, exp_avg_sqs) in
+# place and returns one loss (the input's dtype: pixel_values' for uint8 images) and one correct
+# count (int64) per step: ceil(len(order) / batch_size) steps.
+
+def _epoch_fake(op, images, order, batch_size, params, pixel_values):
+    torch._check(batch_size >= 1, lambda: f"{op}: batch_size must be positive")
+    torch._check(order.dim() == 1, lambda: f"{op}: order must be 1-D")
+    torch._check(len(params) >= 2 and len(params) % 2 == 0, lambda: f"{op}: params must be weight/bias pairs")
+    steps = (order.shape[0] + batch_size - 1) // batch_size
+    losses = (pixel_values if pixel_values is not None else images).new_empty((steps,))
+    return losses, images.new_empty((steps,), dtype=torch.int64)
+
 
 @torch.library.register_fake("mnist_fast::train_epoch_sgd")
 def _train_epoch_sgd_fake(images, labels, order, batch_size, lr, params, momentum_buffers, momentum, dampening,
                           weight_decay, nesterov, first_step, ignore_index, label_smoothing, pixel_values=None):
-    torch._check(batch_size >= 1, lambda: "train_epoch_sgd: batch_size must be positive")
-    torch._check(order.dim() == 1, lambda: "train_epoch_sgd: order must be 1-D")
-    torch._check(len(params) >= 2 and len(params) % 2 == 0,
-                 lambda: "train_epoch_sgd: params must be weight/bias pairs")
-    steps = (order.shape[0] + batch_size - 1) // batch_size
-    losses = (pixel_values if pixel_values is not None else images).new_empty((steps,))
-    return losses, images.new_empty((steps,), dtype=torch.int64)
+    return _epoch_fake("train_epoch_sgd", images, order, batch_size, params, pixel_values)
 
 
 @torch.library.register_fake("mnist_fast::train_epoch_adam")
 def _train_epoch_adam_fake(images, labels, order, batch_size, lr, params, exp_avgs, exp_avg_sqs, step, beta1, beta2,
                            eps, weight_decay, decoupled_weight_decay, ignore_index, label_smoothing,
                            pixel_values=None):
-    return _train_epoch_sgd_fake(images, labels, order, batch_size, lr, params, [], 0.0, 0.0, 0.0, False, False,
-                                 ignore_index, label_smoothing, pixel_values)
+    return _epoch_fake("train_epoch_adam", images, order, batch_size, params, pixel_values)
 
 
 # ---- Adam / AdamW update (csrc/cpu/adam.cpp) ----

@@ -241,8 +241,10 @@ class Split:
     def take(self, index: Tensor) -> "Split":
         """The samples at index (a 1-D int64 tensor), copied; on the CPU into host_empty's memory."""
         def rows(t: Optional[Tensor]) -> Optional[Tensor]:
-            if t is None or t.device.type != "cpu":
-                return None if t is None else t[index]
+            if t is None:
+                return None
+            if t.device.type != "cpu":
+                return t[index]
             return torch.index_select(t, 0, index, out=host_empty((index.shape[0], *t.shape[1:]), t.dtype))
         return Split(rows(self.images), self.labels[index], rows(self.pixels))
 
@@ -266,7 +268,7 @@ def _split_from_idx(images_u8: Tensor, labels_u8: Tensor, images_path: Path, lab
                        f"holds {labels_u8.shape[0]} labels")
     if labels_u8.numel() and int(labels_u8.max()) >= NUM_CLASSES:
         raise IdxError(f"{labels_path}: label {int(labels_u8.max())} out of range 0..{NUM_CLASSES - 1}")
-    pixels = host_empty(images_u8.shape, torch.uint8).copy_(images_u8)  # (the IDX buffer may be read-only)
+    pixels = host_empty(images_u8.shape, torch.uint8).copy_(images_u8)  # huge pages, as the images; writable
     return Split(normalize(pixels).unsqueeze(1), labels_u8.to(torch.int64), pixels)
 
 

@@ -78,11 +78,10 @@ def _fit_epoch(trainer: FusedTrainer, batches: mnist_data.Batches, progress):
         progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", refresh=False)
 
     split = batches.split
-    first = trainer.param_groups[0]["params"][0]
+    images, pixel_values = split.images, None
     if split.pixels is not None:  # the same training from a quarter of the bytes
-        trainer.fit_epoch(split.pixels, split.labels, batches.batch_size, order=batches.indices(), chunk=100,
-                          on_chunk=report, pixel_values=mnist_data.pixel_values(first.dtype, first.device))
-    else:
-        trainer.fit_epoch(split.images, split.labels, batches.batch_size, order=batches.indices(), chunk=100,
-                          on_chunk=report)
+        first = trainer.param_groups[0]["params"][0]
+        images, pixel_values = split.pixels, mnist_data.pixel_values(first.dtype, first.device)
+    trainer.fit_epoch(images, split.labels, batches.batch_size, order=batches.indices(), chunk=100, on_chunk=report,
+                      pixel_values=pixel_values)
     return loss_sum, seen
