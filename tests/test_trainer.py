@@ -78,6 +78,28 @@ def test_matches_stock_sgd_after_several_steps(config, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [1, 5, 64, 100])
+def test_weight_grads_match_autograd_for_small_and_large_batches(rows, dtype):
+    # A small batch's weight grads come from the CPU step's own kernel (fused with the update),
+    # a larger one's (an input over 256 KB: 100 rows of 784 floats, 64 of 784 doubles) from BLAS.
+    # Widths 50 and 20: blocks of features and strips of columns with remainders.
+    torch.manual_seed(0)
+    model = models.stock_mlp((784, 50, 20, 10)).to(dtype)
+    params = [p.detach() for p in model.parameters()]
+    x, y = make_batches([rows], in_shape=(784,), dtype=dtype)[0]
+    workspace = torch.ops.mnist_fast.train_step_workspace(x, params)
+    loss, correct = torch.ops.mnist_fast.train_step_grads(x, y, params, workspace, -100, 0.0)
+    logits = model(x)
+    ref_loss = F.cross_entropy(logits, y)
+    ref_loss.backward()
+    tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, ref_loss.detach(), **tol)
+    assert int(correct) == int((logits.argmax(1) == y).sum())
+    for grad, p in zip(workspace[-len(params):], model.parameters()):
+        torch.testing.assert_close(grad, p.grad, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_matches_stock_on_each_device(device, dtype):
     torch.manual_seed(0)
     ref = stock_mlp().to(device, dtype)
