@@ -79,10 +79,9 @@ def test_matches_stock_sgd_after_several_steps(config, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("rows", [1, 5, 64, 100])
-def test_weight_grads_match_autograd_for_small_and_large_batches(rows, dtype):
-    # A small batch's weight grads come from the CPU step's own kernel (fused with the update),
-    # a larger one's (an input over 256 KB: 100 rows of 784 floats, 64 of 784 doubles) from BLAS.
-    # Widths 50 and 20: blocks of features and strips of columns with remainders.
+def test_step_grads_match_autograd(rows, dtype):
+    # train_step_grads (the step without its update) against autograd, every parameter's grad, at
+    # batch sizes from one row to more than a GEMM block; widths 50 and 20 leave partial vectors.
     torch.manual_seed(0)
     model = models.stock_mlp((784, 50, 20, 10)).to(dtype)
     params = [p.detach() for p in model.parameters()]

@@ -11,8 +11,7 @@
 // One barrier before each layer's feature pass: it reads dZ_l of every row, and it may update W_l
 // only once every worker has read it. The blocks are a fixed function of the thread count, so a
 // step is deterministic for a given thread count; on one thread it is the sequential step. The
-// GEMMs are BLAS calls on each worker's blocks (gemm.h), but for a small batch's weight grads,
-// a dispatched kernel fused with the update; the other passes are the dispatched
+// GEMMs are BLAS calls on each worker's blocks (gemm.h); the other passes are the dispatched
 // kernels of kernels/, with the per-element and per-row formulas of row_math.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -197,34 +196,22 @@ struct Step {
     }
   }
 
-  // The weight and bias grads of layer l's features of worker t, and their update. Over a small
-  // batch the weight's grads and update are one kernel (kernels.h's weight_grad: each block of
-  // grads is updated from L1, instead of a BLAS call then a pass over the whole grad); over a
-  // larger one, BLAS then that pass.
+  // The weight and bias grads of layer l's features of worker t, and their update.
   void update(int64_t t, int64_t l) {
     const auto features = share(out[l], t, threads, kFeatureBlock);
     const int64_t f0 = features.first, f1 = features.second;
     if (f0 == f1) return;
-    const auto& k = cpu::kernels<scalar_t>();
-    if (rows * in[l] * static_cast<int64_t>(sizeof(scalar_t)) <= cpu::kWeightGradMaxInputBytes) {
-      cpu::WeightGradArgs<scalar_t> a{grad_of(l), out[l], input_of(l), rows, in[l], gw[l]};
-      if (sgd) {
-        a.sgd = &*sgd;
-        a.param = w[l];
-        a.buf = mw[l];
-      }
-      k.weight_grad(a, f0, f1);
-    } else {
-      cpu::gemm(true, false, f1 - f0, in[l], rows, grad_of(l) + f0, out[l], input_of(l), in[l], gw[l] + f0 * in[l],
-                in[l]);
-      if (sgd) k.sgd(w[l] + f0 * in[l], gw[l] + f0 * in[l], mw[l] ? mw[l] + f0 * in[l] : nullptr, (f1 - f0) * in[l], *sgd);
-    }
+    cpu::gemm(true, false, f1 - f0, in[l], rows, grad_of(l) + f0, out[l], input_of(l), in[l], gw[l] + f0 * in[l],
+              in[l]);
     for (int64_t j = f0; j < f1; ++j) {
       acc_t total = sums_of(0, l)[j];
       for (int64_t u = 1; u < threads; ++u) total += sums_of(u, l)[j];
       gb[l][j] = static_cast<scalar_t>(total);
     }
-    if (sgd) k.sgd(b[l] + f0, gb[l] + f0, mb[l] ? mb[l] + f0 : nullptr, f1 - f0, *sgd);
+    if (!sgd) return;
+    const auto& k = cpu::kernels<scalar_t>();
+    k.sgd(w[l] + f0 * in[l], gw[l] + f0 * in[l], mw[l] ? mw[l] + f0 * in[l] : nullptr, (f1 - f0) * in[l], *sgd);
+    k.sgd(b[l] + f0, gb[l] + f0, mb[l] ? mb[l] + f0 : nullptr, f1 - f0, *sgd);
   }
 };
 

@@ -59,23 +59,6 @@ struct MaskGradArgs {
   int64_t cols;
 };
 
-// One call of the weight-grad kernel: a linear layer's weight grad over a small batch, optionally
-// with its SGD update (the fused train step, train_step.cpp).
-template <typename scalar_t>
-struct WeightGradArgs {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* grad_out;  // dZ: (rows, out_features) with row stride grad_out_stride
-  int64_t grad_out_stride;
-  const scalar_t* input;     // A: (rows, in_features) contiguous
-  int64_t rows;
-  int64_t in_features;
-  scalar_t* grad_weight;     // (out_features, in_features) contiguous: written
-  // The update, when sgd is set: param and buf (null without momentum) as grad_weight.
-  const row_math::SgdOptions<acc_t>* sgd = nullptr;
-  scalar_t* param = nullptr;
-  scalar_t* buf = nullptr;
-};
-
 template <typename scalar_t>
 struct Kernels {
   using acc_t = at::opmath_type<scalar_t>;
@@ -107,16 +90,7 @@ struct Kernels {
                const row_math::AdamOptions<acc_t>& options);
   // dst[i] = table[src[i]] for n bytes (the epoch ops' uint8 images through their pixel map).
   void (*map_bytes)(scalar_t* dst, const uint8_t* src, int64_t n, const scalar_t* table);
-  // grad_weight[j, :] = sum over rows i of grad_out[i, j] * input[i, :] for the features j in
-  // [first, last), then their sgd update, a few features at a time while their grads are in L1
-  // (no pass over the whole grad afterwards). Register-blocked for batches whose input stays in
-  // L2 (kWeightGradMaxInputBytes): it reads no packed copy of the input, only of dZ's columns.
-  void (*weight_grad)(const WeightGradArgs<scalar_t>& args, int64_t first, int64_t last);
 };
-
-// The weight_grad kernel runs on inputs up to this size (the step's other GEMMs, and larger
-// batches, go to BLAS): every block of features reads the whole input again, from L2.
-constexpr int64_t kWeightGradMaxInputBytes = 256 * 1024;
 
 constexpr int64_t kMaskColumns = 64;
 

@@ -17,7 +17,6 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
-#include <vector>
 
 #include "kernels.h"
 
@@ -1002,72 +1001,12 @@ void map_bytes(scalar_t* dst, const uint8_t* src, int64_t n, const scalar_t* tab
   for (; i < n; ++i) dst[i] = table[src[i]];
 }
 
-// ---- a linear layer's weight grad dZ^T A over a small batch, and its SGD update ----
-//
-// Blocks of kPanel features (rows of the weight grad) by strips of two vectors of input columns:
-// each tile's kPanel x 2 vectors of sums stay in registers over every row of the batch, with one
-// broadcast of dZ and two loads of A per row and feature pair (g++ keeps the arrays in registers
-// only when every loop over them is unrolled). dZ's columns of a block are first copied into one
-// contiguous panel (their stride in dZ would map them onto a few cache sets).
-constexpr int64_t kPanel = 6;
-
-template <typename scalar_t, bool kFullStrip>
-C10_ALWAYS_INLINE void weight_grad_tile(const at::opmath_type<scalar_t>* panel, const scalar_t* a, int64_t lda,
-                                        int64_t rows, scalar_t* out, int64_t ldo, int64_t features, int64_t width) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using V = Vec<acc_t>;
-  constexpr int64_t L = V::size();
-  const int64_t n0 = kFullStrip ? L : std::min(L, width), n1 = kFullStrip ? L : width - n0;
-  V lo[kPanel], hi[kPanel];
-#pragma GCC unroll 16
-  for (int64_t r = 0; r < kPanel; ++r) lo[r] = hi[r] = V(acc_t(0));
-  for (int64_t i = 0; i < rows; ++i) {
-    const V b0 = load<acc_t>(a + i * lda, n0), b1 = load<acc_t>(a + i * lda + L, n1);
-#pragma GCC unroll 16
-    for (int64_t r = 0; r < kPanel; ++r) {
-      const V z(panel[i * kPanel + r]);
-      lo[r] = at::vec::fmadd(z, b0, lo[r]);
-      hi[r] = at::vec::fmadd(z, b1, hi[r]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int64_t r = 0; r < kPanel; ++r) {
-    if (r < features) {
-      store(out + r * ldo, lo[r], n0);
-      store(out + r * ldo + L, hi[r], n1);
-    }
-  }
-}
-
-template <typename scalar_t>
-void weight_grad(const WeightGradArgs<scalar_t>& g, int64_t first, int64_t last) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t strip = 2 * Vec<acc_t>::size();
-  const int64_t in = g.in_features;
-  std::vector<acc_t> panel(std::max<int64_t>(1, g.rows) * kPanel);
-  for (int64_t j0 = first; j0 < last; j0 += kPanel) {
-    const int64_t features = std::min(kPanel, last - j0);
-    for (int64_t i = 0; i < g.rows; ++i) {
-      for (int64_t r = 0; r < kPanel; ++r) {
-        panel[i * kPanel + r] = r < features ? static_cast<acc_t>(g.grad_out[i * g.grad_out_stride + j0 + r]) : acc_t(0);
-      }
-    }
-    scalar_t* out = g.grad_weight + j0 * in;
-    int64_t c = 0;
-    for (; c + strip <= in; c += strip) {
-      weight_grad_tile<scalar_t, true>(panel.data(), g.input + c, in, g.rows, out + c, in, features, strip);
-    }
-    if (c < in) weight_grad_tile<scalar_t, false>(panel.data(), g.input + c, in, g.rows, out + c, in, features, in - c);
-    if (g.sgd) sgd<scalar_t>(g.param + j0 * in, out, g.buf ? g.buf + j0 * in : nullptr, features * in, *g.sgd);
-  }
-}
-
 template <typename scalar_t>
 Kernels<scalar_t> make_kernels() {
   return {&CrossEntropyKernels<scalar_t>::forward, &CrossEntropyKernels<scalar_t>::backward,
           &CrossEntropyKernels<scalar_t>::forward_backward, &CrossEntropyKernels<scalar_t>::log_softmax,
           &CrossEntropyKernels<scalar_t>::log_softmax_backward, &bias_relu<scalar_t>, &mask_grad<scalar_t>,
-          &sgd<scalar_t>, &adam<scalar_t>, &map_bytes<scalar_t>, &weight_grad<scalar_t>};
+          &sgd<scalar_t>, &adam<scalar_t>, &map_bytes<scalar_t>};
 }
 
 const KernelTable& table() {
