@@ -80,8 +80,8 @@ def test_matches_stock_sgd_after_several_steps(config, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("rows", [1, 5, 64, 100])
 def test_step_grads_match_autograd(rows, dtype):
-    # train_step_grads (the step without its update) against autograd, every parameter's grad, at
-    # batch sizes from one row to more than a GEMM block; widths 50 and 20 leave partial vectors.
+    # train_step_grads (the step without its update) against autograd, every parameter's grad, from
+    # one row to 100 (uneven blocks of rows); widths 50 and 20 leave partial vectors in the passes.
     torch.manual_seed(0)
     model = models.stock_mlp((784, 50, 20, 10)).to(dtype)
     params = [p.detach() for p in model.parameters()]
