@@ -15,7 +15,7 @@ from torch import nn
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # helpers
-from helpers import TOL, adam_update_mismatches, sgd_update_mismatches  # noqa: E402
+from helpers import STEP_TOL, TOL, adam_update_mismatches, sgd_update_mismatches  # noqa: E402
 import mnist_fast  # noqa: E402
 from mnist_fast import _C, functional as MF  # noqa: E402
 from mnist_fast.nn import fuse  # noqa: E402
@@ -116,7 +116,7 @@ def train_step_cases():
             loss.backward()
             opt.step()
             ours, _ = trainer.step(x, y)
-            tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+            tol = STEP_TOL[dtype]
             torch.testing.assert_close(ours, loss.detach(), **tol, msg=lambda m: f"{what} loss: {m}")
         for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
             torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{what} {k}: {m}")

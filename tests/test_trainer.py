@@ -12,7 +12,7 @@ from mnist_fast.models import MNISTNet
 from mnist_fast.nn import LinearReLU, fuse
 from mnist_fast.trainer import FusedTrainer
 
-from helpers import TOL, assert_same_params
+from helpers import STEP_TOL, TOL, assert_same_params
 
 
 def stock_mlp(sizes=(784, 32, 16, 10)):
@@ -70,8 +70,7 @@ def test_matches_stock_sgd_after_several_steps(config, dtype):
     batches = make_batches([32, 32, 17, 32, 32, 5, 32, 32], dtype=dtype)  # with a short batch in between
     ref_losses, ref_correct = stock_run(ref, torch.optim.SGD(ref.parameters(), **config), batches)
     losses, correct = fused_run(FusedTrainer(model, **config), batches)
-    # float32: the same operations, rounded in a slightly different order (GEMM blocking, sums).
-    tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    tol = STEP_TOL[dtype]
     torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), **tol)
     assert correct == ref_correct
     assert_same_params(model, ref, **tol)
@@ -91,7 +90,7 @@ def test_step_grads_match_autograd(rows, dtype):
     logits = model(x)
     ref_loss = F.cross_entropy(logits, y)
     ref_loss.backward()
-    tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    tol = STEP_TOL[dtype]
     torch.testing.assert_close(loss, ref_loss.detach(), **tol)
     assert int(correct) == int((logits.argmax(1) == y).sum())
     for grad, p in zip(workspace[-len(params):], model.parameters()):
@@ -110,7 +109,7 @@ def test_matches_stock_on_each_device(device, dtype):
     ref_losses, ref_correct = stock_run(ref, torch.optim.SGD(ref.parameters(), **config), batches, loss_fn)
     trainer = FusedTrainer(model, label_smoothing=0.1, **config)
     losses, correct = fused_run(trainer, batches)
-    tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    tol = STEP_TOL[dtype]
     torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), **tol)
     assert correct == ref_correct
     assert_same_params(model, ref, **tol)
@@ -497,7 +496,7 @@ def test_step_split_between_threads_matches_one_thread(intra_op_threads, sizes, 
         model = fuse(copy.deepcopy(base))
         losses, correct = fused_run(FusedTrainer(model, label_smoothing=0.1, **config), batches)
         runs[name] = (torch.stack(losses), correct, [p.detach().clone() for p in model.parameters()])
-    tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    tol = STEP_TOL[dtype]
     for name in ("two", "three"):
         torch.testing.assert_close(runs[name][0], runs["one"][0], **tol)
         assert runs[name][1] == runs["one"][1]

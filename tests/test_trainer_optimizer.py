@@ -15,9 +15,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from mnist_fast import models
 from mnist_fast.trainer import FusedTrainer
 
-from helpers import TOL, assert_same_params
+from helpers import STEP_TOL, TOL, assert_same_params
 
-F32 = dict(rtol=1e-5, atol=1e-6)
 STOCK = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
@@ -90,7 +89,7 @@ def test_lr_schedulers_drive_it_as_they_drive_sgd(schedule):
             fused_schedule.step()
             assert trainer.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
             assert trainer.momentum == opt.param_groups[0]["momentum"]
-    assert_same_params(model, ref, **F32)
+    assert_same_params(model, ref, **STEP_TOL[torch.float32])
     assert fused_schedule.get_last_lr() == stock_schedule.get_last_lr()
 
 
@@ -128,7 +127,7 @@ def test_zero_grad_and_hooks_are_the_optimizers():
     loss, correct = trainer.step(x, y)
     stock_step(ref, opt, x, y)
     assert calls == ["pre", "post"] and loss.shape == () and isinstance(correct, int)
-    assert_same_params(model, ref, **F32)
+    assert_same_params(model, ref, **STEP_TOL[torch.float32])
     # torch.optim's global step hooks, and the profiler's range of a step (without them step skips that wrapper).
     bare = FusedTrainer(mlp(), lr=0.1)
     handle = register_optimizer_step_post_hook(lambda o, args, kwargs: calls.append(o))
@@ -254,7 +253,7 @@ def test_frozen_at_construction_trains_the_rest_and_fit_epoch_too():
         stock_step(ref, opt, images[index], labels[index])
     losses, correct = trainer.fit_epoch(images, labels, 16, order=order, chunk=2)
     assert losses.shape == correct.shape == (3,)
-    assert_same_params(model, ref, **F32)
+    assert_same_params(model, ref, **STEP_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
